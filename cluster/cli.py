@@ -1,0 +1,157 @@
+"""`python -m cluster <command>`: generate text offline, benchmark, (later) serve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from replicas.config import EngineConfig
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per EngineConfig field (e.g. --max-num-seqs); pydantic parses and checks values."""
+    group = parser.add_argument_group("engine")
+    for name, field in EngineConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=field.description
+            )
+        else:
+            group.add_argument(flag, default=None, metavar=name.upper(), help=field.description)
+
+
+def engine_config_from_args(args: argparse.Namespace, **defaults) -> EngineConfig:
+    values = dict(defaults)
+    values.update(
+        {
+            name: getattr(args, name)
+            for name in EngineConfig.model_fields
+            if getattr(args, name) is not None
+        }
+    )
+    return EngineConfig(**values)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from replicas import LLM, SamplingParams
+
+    config = engine_config_from_args(args)
+    llm = LLM(**config.model_dump())
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_tokens=args.max_tokens,
+        seed=None if args.seed is None else int(args.seed),
+    )
+    if args.chat:
+        output = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)[0]
+    else:
+        output = llm.generate(args.prompt, params, use_tqdm=False)[0]
+    print(output.text)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cluster.bench_offline import make_chat_workload, profile_engine, run_engine, run_hf_static
+    from replicas import LLMEngine
+    from replicas.model_loader import resolve_dtype, resolve_model_source
+
+    if not args.offline:
+        raise SystemExit("only --offline is available in this version")
+    torch.set_num_threads(args.threads)
+    config = engine_config_from_args(args, dtype="bfloat16", num_threads=args.threads)
+    engine = LLMEngine(config)
+    workload = make_chat_workload(
+        engine.tokenizer,
+        args.num_requests,
+        tuple(args.prompt_len),
+        tuple(args.output_len),
+        config.seed,
+    )
+    results = [run_engine(engine, workload)]
+    if not args.skip_baseline:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_model_source(config),
+            dtype=resolve_dtype(config.dtype, engine.device),
+            attn_implementation="sdpa",
+        ).to(engine.device)
+        model.eval()
+        pad = engine.tokenizer.pad_token_id
+        if pad is None:
+            pad = engine.eos_token_ids[0]
+        results.append(run_hf_static(model, pad, workload, args.batch_size))
+    lengths = [len(r.prompt_token_ids) for r in workload]
+    report = {
+        "workload": {
+            "requests": len(workload),
+            "prompt_tokens": [min(lengths), max(lengths), sum(lengths)],
+            "output_tokens": [
+                min(r.max_tokens for r in workload),
+                max(r.max_tokens for r in workload),
+            ],
+            "seed": config.seed,
+        },
+        "engine": config.model_dump(mode="json"),
+        "threads": torch.get_num_threads(),
+        "results": [r.as_dict() for r in results],
+    }
+    if len(results) == 2:
+        report["speedup"] = round(results[0].tokens_per_second / results[1].tokens_per_second, 2)
+    if args.profile:
+        report["profile_percent_of_wall_time"] = profile_engine(engine, workload)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cluster", description=__doc__)
+    parser.add_argument("--log-level", default="WARNING")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="generate text offline with the engine")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the chat template"
+    )
+    generate.add_argument("--max-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    add_engine_arguments(generate)
+    generate.set_defaults(func=cmd_generate)
+
+    bench = commands.add_parser("bench", help="benchmark the engine")
+    bench.add_argument("--offline", action="store_true", help="drive the engine in-process")
+    bench.add_argument("--num-requests", type=int, default=64)
+    bench.add_argument("--prompt-len", type=int, nargs=2, default=[20, 300], metavar=("MIN", "MAX"))
+    bench.add_argument("--output-len", type=int, nargs=2, default=[16, 256], metavar=("MIN", "MAX"))
+    bench.add_argument("--threads", type=int, default=2)
+    bench.add_argument("--batch-size", type=int, default=8, help="HF static batch size")
+    bench.add_argument("--skip-baseline", action="store_true")
+    bench.add_argument(
+        "--profile", action="store_true", help="run the workload again under the profiler"
+    )
+    bench.add_argument("--output", help="write the JSON report here")
+    add_engine_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        args.func(args)
+    except ValidationError as exc:
+        sys.exit(f"invalid settings:\n{exc}")

@@ -1,0 +1,79 @@
+"""The engine's settings: one pydantic model, validated where they enter (CLI, YAML, `LLM()`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def default_cache_dir() -> Path:
+    """Where converted GGUF models are kept: $CONTINUUM_CACHE_DIR, else the XDG cache."""
+    if env := os.environ.get("CONTINUUM_CACHE_DIR"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "continuum"
+
+
+class EngineConfig(BaseModel):
+    """Everything one replica's engine needs: which model, on what device, with how much cache."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), frozen=True)
+
+    model: str | None = Field(
+        None,
+        description="Hub id, local HF directory, or .gguf file. None: the embedded "
+        "SmolLM2-135M-Instruct.",
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer source if not the model's own.")
+    revision: str | None = None
+    dtype: DType = "auto"
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
+    block_size: Annotated[int, Field(gt=0, le=256)] = 16
+    num_blocks: Annotated[int, Field(gt=0)] | None = Field(
+        None, description="KV-cache blocks; overrides kv_cache_memory_gib."
+    )
+    kv_cache_memory_gib: Annotated[float, Field(gt=0)] | None = Field(
+        None,
+        description="KV-cache size. Default: 2 GiB on CPU; on CUDA, what gpu_memory_utilization "
+        "leaves.",
+    )
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
+    max_num_batched_tokens: Annotated[int, Field(gt=0)] = 512
+    max_num_seqs: Annotated[int, Field(gt=0)] = 64
+    max_model_len: Annotated[int, Field(gt=0)] | None = None
+    enable_prefix_caching: bool = True
+    model_cache_dir: Path = Field(default_factory=default_cache_dir)
+    num_threads: Annotated[int, Field(gt=0)] | None = Field(
+        None, description="torch intra-op threads on CPU (default: torch's choice)."
+    )
+    native_kernels: bool = Field(
+        True,
+        description="On CPU, decode with the native paged-attention kernel (built on first use).",
+    )
+    seed: int = 0
+    trust_remote_code: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fit_default_max_num_seqs(cls, values: object) -> object:
+        """A small token budget without an explicit max_num_seqs lowers it instead of failing."""
+        if isinstance(values, dict) and values.get("max_num_seqs") is None:
+            budget = values.get("max_num_batched_tokens")
+            default = cls.model_fields["max_num_seqs"].default
+            if isinstance(budget, int) and budget < default:
+                values = {**values, "max_num_seqs": budget}
+        return values
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> EngineConfig:
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                f"max_num_seqs ({self.max_num_seqs})"
+            )
+        return self

@@ -1,0 +1,82 @@
+"""The offline API, in the style of vLLM: `LLM(model=...).generate(prompts, params)`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+
+from tqdm.auto import tqdm
+
+from replicas.config import EngineConfig
+from replicas.engine import LLMEngine
+from replicas.outputs import RequestOutput
+from replicas.sampling_params import OutputKind, SamplingParams
+
+Prompt = str | list[int]
+Conversation = list[dict]
+
+
+class LLM:
+    """Runs batches of prompts through one engine, all at once, with continuous batching."""
+
+    def __init__(self, model: str | None = None, **engine_args) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """One output per prompt, in prompt order. A prompt is text or a list of token ids."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        return self._run(list(prompts), sampling_params, use_tqdm)
+
+    def chat(
+        self,
+        messages: Conversation | Seq[Conversation],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Like `generate`, for conversations rendered with the model's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.engine.apply_chat_template(list(c)) for c in conversations]
+        return self._run(prompts, sampling_params, use_tqdm)
+
+    def _run(
+        self,
+        prompts: list[Prompt],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None,
+        use_tqdm: bool,
+    ) -> list[RequestOutput]:
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError("give one SamplingParams, or one per prompt")
+        order: dict[str, int] = {}
+        try:
+            for i, (prompt, params) in enumerate(zip(prompts, params_list, strict=True)):
+                request_id = str(next(self._ids))
+                final = params.model_copy(update={"output_kind": OutputKind.FINAL_ONLY})
+                self.engine.add_request(request_id, prompt, final)
+                order[request_id] = i
+            results: list[RequestOutput | None] = [None] * len(prompts)
+            with tqdm(
+                total=len(prompts), desc="Generating", disable=not use_tqdm or len(prompts) < 2
+            ) as bar:
+                while self.engine.has_unfinished_requests():
+                    for output in self.engine.step():
+                        if output.finished:
+                            results[order[output.request_id]] = output
+                            bar.update(1)
+        finally:
+            for request_id in order:
+                self.engine.abort_request(request_id)
+        return results

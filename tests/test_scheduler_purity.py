@@ -1,0 +1,12 @@
+import subprocess
+import sys
+
+
+def test_scheduler_imports_neither_torch_nor_ray():
+    code = (
+        "import sys, scheduler, scheduler.block_manager, scheduler.scheduler, scheduler.sequence\n"
+        "heavy = sorted(m for m in ('torch', 'ray', 'transformers', 'numpy') if m in sys.modules)\n"
+        "assert not heavy, f'scheduler imported {heavy}'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
