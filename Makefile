@@ -1,4 +1,4 @@
-# Every target installs what it needs first: on a fresh machine `make generate` or `make test` is
+# Every target installs what it needs first: on a fresh machine `make serve` or `make test` is
 # all it takes (Python 3.11+ and a C++ compiler for the native CPU kernel).
 PYTHON ?= python3
 VENV := .venv
@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PROMPT ?= Explain continuous batching in one paragraph.
 
-.PHONY: install generate bench test lint format clean
+.PHONY: install serve generate bench test lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+serve: install
+	$(BIN)/python -m cluster serve --config configs/local-cpu.yaml
 
 generate: install
 	$(BIN)/python -m cluster generate --chat --prompt "$(PROMPT)"

@@ -113,6 +113,43 @@ def cmd_bench(args: argparse.Namespace) -> None:
         Path(args.output).write_text(text + "\n")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Validate the config, then run it exactly as `serve run <config>` does."""
+    import signal
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+    from ray.serve.scripts import run as serve_run
+
+    from cluster.config import AppConfig
+
+    path = Path(args.config)
+    if not path.is_file():
+        raise SystemExit(f"no such config file: {path}")
+    deploy = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    for application in deploy.applications:
+        AppConfig.model_validate(application.args)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    # Shut Serve and the local Ray down cleanly on either signal (a shell's background jobs start
+    # with SIGINT ignored, so it is set explicitly too).
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
+    options = ["--address", args.address] if args.address else []
+    serve_run.main([str(path), *options], standalone_mode=False)
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    import ray
+
+    from cluster.status import replica_stats
+
+    ray.init(address=args.address or "auto", namespace="serve", log_to_driver=False)
+    print(json.dumps(replica_stats(args.app), indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cluster", description=__doc__)
     parser.add_argument("--log-level", default="WARNING")
@@ -128,6 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=1.0)
     add_engine_arguments(generate)
     generate.set_defaults(func=cmd_generate)
+
+    serve = commands.add_parser(
+        "serve", help="run the Ray Serve application (starts Ray if needed)"
+    )
+    serve.add_argument("--config", default="configs/local-cpu.yaml", help="a Serve config file")
+    serve.add_argument("--address", help="Ray cluster address (default: local, started if needed)")
+    serve.set_defaults(func=cmd_serve)
+
+    status = commands.add_parser("status", help="show engine replicas and their routing stats")
+    status.add_argument("--app", default="continuum")
+    status.add_argument("--address", help="Ray cluster address (default: the local one)")
+    status.set_defaults(func=cmd_status)
 
     bench = commands.add_parser("bench", help="benchmark the engine")
     bench.add_argument("--offline", action="store_true", help="drive the engine in-process")

@@ -22,6 +22,7 @@ from replicas.model_runner import ModelRunner
 from replicas.outputs import CompletionOutput, Logprob, RequestOutput
 from replicas.sampler import Sampler, SamplerOutput, SamplingRow, TokenLogprobs
 from replicas.sampling_params import OutputKind, SamplingParams
+from replicas.tokenizer import render_chat
 from scheduler import (
     BlockManager,
     RequestTooLongError,
@@ -116,6 +117,7 @@ class LLMEngine:
         self.backend_tokenizer = self.tokenizer.backend_tokenizer
         self.eos_token_ids = self._eos_token_ids()
         self.requests: dict[str, Request] = {}
+        self.num_requests_admitted = 0
         self._generation_of: dict[Sequence, Generation] = {}
         self._token_text: dict[int, str] = {}
 
@@ -124,16 +126,8 @@ class LLMEngine:
     def tokenize(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt)
 
-    def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True
-    ) -> list[int]:
-        """Token ids of a chat rendered with the model's own template."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"{self.model_name} has no chat template; use completions instead")
-        rendered = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
-        )
-        return list(rendered)
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        return render_chat(self.tokenizer, messages)
 
     def add_request(
         self,
@@ -154,6 +148,12 @@ class LLMEngine:
                 raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         if not token_ids:
             raise RequestTooLongError("the prompt is empty")
+        for name, ids in (
+            ("stop_token_ids", params.stop_token_ids),
+            ("logit_bias", params.logit_bias),
+        ):
+            if any(not 0 <= t < self.vocab_size for t in ids):
+                raise ValueError(f"{name} must hold token ids in [0, {self.vocab_size})")
         max_tokens = params.max_tokens
         if max_tokens is None:
             max_tokens = self.max_model_len - len(token_ids)
@@ -169,6 +169,7 @@ class LLMEngine:
         self._add_generation(request, seq, 0)
         self.scheduler.add(seq)
         self.requests[request_id] = request
+        self.num_requests_admitted += 1
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now; its blocks are freed at once. Unknown ids are ignored."""

@@ -22,6 +22,7 @@ from transformers.utils import logging as hf_logging
 
 from replicas.attention import ATTENTION_NAME, register_paged_attention
 from replicas.config import EngineConfig
+from replicas.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +166,6 @@ def load_model(config: EngineConfig) -> LoadedModel:
     )
     model.to(device).eval()
     model.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or source, **common)
-    if getattr(tokenizer, "backend_tokenizer", None) is None:
-        raise ModelLoadError(f"{source}: a fast (tokenizers) tokenizer is required")
-    return LoadedModel(model, tokenizer, device, dtype, model_display_name(config.model))
+    return LoadedModel(
+        model, load_tokenizer(config, source), device, dtype, model_display_name(config.model)
+    )

@@ -99,6 +99,8 @@ class Sampler:
         if any(r.params.logprobs is not None for r in rows):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         for i, row in enumerate(rows):
+            if bias := row.params.logit_bias:
+                logits[i, list(bias)] += torch.tensor(list(bias.values()), device=logits.device)
             if row.banned_token_ids:
                 logits[i, row.banned_token_ids] = float("-inf")
         if any(r.params.needs_penalties for r in rows):

@@ -54,3 +54,53 @@ def build_tiny_model(
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory, smol_dir) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), smol_dir)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_instance():
+    """A local Ray with Serve on a free loopback port, shared by the end-to-end tests."""
+    import ray
+    from ray import serve
+
+    port = free_port()
+    ray.init(num_cpus=8, include_dashboard=False, namespace="serve", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def deploy(serve_instance: str, name: str, args: dict) -> str:
+    """Run `build_app(args)` as application `name` under /name; return its base URL."""
+    import httpx
+    from ray import serve
+
+    from cluster.app import build_app
+
+    serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
+    base = f"{serve_instance}/{name}"
+    wait_for(lambda: httpx.get(f"{base}/health", timeout=5).status_code == 200, timeout=300)
+    return base
+
+
+def wait_for(condition, timeout: float = 60, interval: float = 0.2):
+    import time
+
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except Exception as exc:  # not ready yet
+            last_error = exc
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last error: {last_error!r})")

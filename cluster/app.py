@@ -1,0 +1,37 @@
+"""The Serve application: engine replicas behind the KV-aware router, and the OpenAI ingress.
+
+`build_app` is the `import_path` of every config in configs/: Serve calls it with the
+application's `args`, validated here (AppConfig) before any replica starts.
+"""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from cluster.api import OpenAIIngress
+from cluster.config import AppConfig
+from cluster.router import KVAwareRequestRouter
+from replicas.deployment import LLMDeployment
+
+IngressDeployment = serve.deployment(
+    name="OpenAIIngress", max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0}
+)(OpenAIIngress)
+
+
+def build_app(args: dict | None = None) -> Application:
+    config = AppConfig.model_validate(args or {})
+    router = RequestRouterConfig(
+        request_router_class=KVAwareRequestRouter,
+        request_router_kwargs={
+            "queue_weight": config.router.queue_weight,
+            "kv_cache_weight": config.router.kv_cache_weight,
+        },
+        request_routing_stats_period_s=config.router.stats_period_s,
+        request_routing_stats_timeout_s=max(2 * config.router.stats_period_s, 1.0),
+    )
+    llm = LLMDeployment.options(
+        request_router_config=router, **config.replicas.deployment_options()
+    ).bind(config.engine.model_dump(mode="json"))
+    return IngressDeployment.bind(llm, config.model_dump(mode="json"))

@@ -1,0 +1,63 @@
+"""The Ray Serve replica: one engine per replica (one GPU each in production).
+
+Requests arrive as `GenerateRequest`s through `generate`, an async generator that streams the
+engine's deltas; many are in flight at once while the engine's step loop runs in its own thread.
+Serve calls `record_routing_stats` for the router and `check_health` to replace a dead replica.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ray import serve
+
+from replicas.async_engine import AsyncLLMEngine
+from replicas.config import EngineConfig
+from replicas.outputs import RequestOutput
+from replicas.sampling_params import SamplingParams
+
+
+@dataclass
+class GenerateRequest:
+    """What the ingress sends a replica: an already tokenized prompt and how to sample it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+class LLMServer:
+    def __init__(self, engine_config: dict) -> None:
+        self.engine = AsyncLLMEngine(EngineConfig.model_validate(engine_config))
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        """Stream the request's outputs; cancellation (client gone) aborts it, freeing blocks."""
+        async for output in self.engine.generate(
+            request.request_id, request.prompt_token_ids, request.params
+        ):
+            yield output
+
+    def model_info(self) -> dict:
+        engine = self.engine.engine
+        return {
+            "model_name": engine.model_name,
+            "max_model_len": engine.max_model_len,
+            "vocab_size": engine.vocab_size,
+            "block_size": engine.block_manager.block_size,
+            "num_blocks": engine.block_manager.num_blocks,
+        }
+
+    def record_routing_stats(self) -> dict[str, int]:
+        return self.engine.load()
+
+    def check_health(self) -> None:
+        self.engine.check_health()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+LLMDeployment = serve.deployment(name="LLMServer")(LLMServer)

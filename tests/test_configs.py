@@ -1,0 +1,54 @@
+"""Every config in configs/ is a valid Serve config whose application args build the app."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from ray.serve.schema import ServeDeploySchema
+
+from cluster.app import build_app
+from cluster.config import AppConfig
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_config_is_a_valid_serve_config(path):
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    for application in schema.applications:
+        assert application.import_path == "cluster.app:build_app"
+        config = AppConfig.model_validate(application.args)
+        build_app(application.args)
+        gpus = config.replicas.ray_actor_options.get("num_gpus", 0)
+        if path.name.startswith("gpu"):
+            assert gpus == 1 and config.engine.device == "cuda"
+        else:
+            assert gpus == 0 and config.replicas.ray_actor_options.get("num_cpus")
+
+
+def test_local_config_serves_on_loopback():
+    schema = ServeDeploySchema.model_validate(
+        yaml.safe_load(Path("configs/local-cpu.yaml").read_text())
+    )
+    assert schema.http_options.host == "127.0.0.1" and schema.http_options.port == 8000
+    assert AppConfig.model_validate(schema.applications[0].args).replicas.num_replicas == 2
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"engine": {"device": "cuda"}},  # a GPU engine without a GPU
+        {"engine": {"device": "cpu"}, "replicas": {"ray_actor_options": {"num_gpus": 1}}},
+        {"engine": {"max_num_seqs": 0}},
+        {"replicas": {"num_replicas": 0}},
+        {"router": {"queue_weight": 0, "kv_cache_weight": 0}},
+        {"engine": {"dtype": "int8"}},
+        {"unknown": 1},
+    ],
+)
+def test_invalid_app_args_are_refused_before_anything_starts(bad):
+    with pytest.raises(ValidationError):
+        build_app(bad)
