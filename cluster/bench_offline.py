@@ -7,23 +7,15 @@ without a serving engine: left-padded batches of 8 that run until their longest 
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from cluster.workloads import BenchRequest
 from replicas import LLMEngine, SamplingParams
 from replicas.sampling_params import OutputKind
-
-SYSTEM_PROMPT = "You are a helpful assistant."
-
-
-@dataclass
-class OfflineRequest:
-    prompt_token_ids: list[int]
-    max_tokens: int
 
 
 @dataclass
@@ -41,46 +33,7 @@ class RunResult:
         return {**asdict(self), "generated_tokens_per_s": round(self.tokens_per_second, 2)}
 
 
-def make_chat_workload(
-    tokenizer,
-    num_requests: int,
-    prompt_len: tuple[int, int],
-    output_len: tuple[int, int],
-    seed: int,
-) -> list[OfflineRequest]:
-    """Chat prompts of seeded random words, sized to a uniformly drawn length (in tokens).
-
-    The chat template's own tokens count towards the length, so the shortest prompts are the
-    template plus one word.
-    """
-    rng = random.Random(seed)
-    words = sorted(
-        t[1:] for t in tokenizer.get_vocab() if t.startswith("Ġ") and t[1:].isalpha() and len(t) > 3
-    )
-
-    def render(content: str) -> list[int]:
-        messages = [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": content},
-        ]
-        return list(
-            tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-        )
-
-    overhead = len(render(""))
-    requests = []
-    for _ in range(num_requests):
-        target = rng.randint(*prompt_len)
-        content = " ".join(rng.choices(words, k=max(1, target - overhead)))
-        requests.append(
-            OfflineRequest(render(content)[: max(target, overhead + 1)], rng.randint(*output_len))
-        )
-    return requests
-
-
-def run_engine(engine: LLMEngine, workload: list[OfflineRequest]) -> RunResult:
+def run_engine(engine: LLMEngine, workload: list[BenchRequest]) -> RunResult:
     start = time.perf_counter()
     for i, request in enumerate(workload):
         params = SamplingParams(
@@ -106,7 +59,7 @@ def run_engine(engine: LLMEngine, workload: list[OfflineRequest]) -> RunResult:
 
 @torch.inference_mode()
 def run_hf_static(
-    model, pad_token_id: int, workload: list[OfflineRequest], batch_size: int = 8
+    model, pad_token_id: int, workload: list[BenchRequest], batch_size: int = 8
 ) -> RunResult:
     """HF generate over left-padded static batches; counts only the tokens each request wants."""
     start = time.perf_counter()
@@ -142,7 +95,7 @@ def run_hf_static(
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "mkldnn::_linear_pointwise")
 
 
-def profile_engine(engine: LLMEngine, workload: list[OfflineRequest]) -> dict[str, float]:
+def profile_engine(engine: LLMEngine, workload: list[BenchRequest]) -> dict[str, float]:
     """Where a step's time goes, as shares of the wall time of one run of `workload`.
 
     Uses the engine's `continuum.*` profiler ranges; "forward, other" is everything in the model

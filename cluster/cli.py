@@ -56,25 +56,97 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(output.text)
 
 
+def default_tokenizer(args: argparse.Namespace):
+    """The tokenizer of the model being benchmarked (for prompt lengths)."""
+    from replicas.model_loader import resolve_model_source
+    from replicas.tokenizer import load_tokenizer
+
+    config = engine_config_from_args(args)
+    return load_tokenizer(config, resolve_model_source(config))
+
+
+def write_report(report: dict, output: str | None) -> None:
+    text = json.dumps(report, indent=2)
+    if output:
+        Path(output).write_text(text + "\n")
+        report = {k: v for k, v in report.items() if k != "per_request"}
+        text = json.dumps(report, indent=2)
+    print(text)
+
+
+def workload_summary(workload, args: argparse.Namespace, seed: int) -> dict:
+    lengths = [len(r.prompt_token_ids) for r in workload]
+    outputs = [r.max_tokens for r in workload]
+    return {
+        "kind": args.workload,
+        "requests": len(workload),
+        "prompt_tokens": {"min": min(lengths), "max": max(lengths), "total": sum(lengths)},
+        "output_tokens": {"min": min(outputs), "max": max(outputs), "total": sum(outputs)},
+        "seed": seed,
+    }
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM
+    from cluster.workloads import make_workload
 
-    from cluster.bench_offline import make_chat_workload, profile_engine, run_engine, run_hf_static
-    from replicas import LLMEngine
-    from replicas.model_loader import resolve_dtype, resolve_model_source
+    seed = int(args.seed or 0)
+    if args.offline:
+        return bench_offline(args, seed)
+    import asyncio
 
-    if not args.offline:
-        raise SystemExit("only --offline is available in this version")
-    torch.set_num_threads(args.threads)
-    config = engine_config_from_args(args, dtype="bfloat16", num_threads=args.threads)
-    engine = LLMEngine(config)
-    workload = make_chat_workload(
-        engine.tokenizer,
+    import httpx
+
+    from cluster.bench_client import parse_goodput, per_request, run_benchmark, summarize
+
+    goodput = parse_goodput(args.goodput)
+    base_url = args.url.rstrip("/")
+    model = (
+        args.served_model or httpx.get(f"{base_url}/v1/models", timeout=30).json()["data"][0]["id"]
+    )
+    workload = make_workload(
+        default_tokenizer(args),
+        args.workload,
         args.num_requests,
         tuple(args.prompt_len),
         tuple(args.output_len),
-        config.seed,
+        seed,
+    )
+    results, wall = asyncio.run(
+        run_benchmark(base_url, model, workload, args.concurrency, args.request_rate, seed)
+    )
+    report = {
+        "label": args.label,
+        "server": args.label or base_url,
+        "url": base_url,
+        "model": model,
+        "concurrency": args.concurrency,
+        "request_rate": args.request_rate,
+        "workload": workload_summary(workload, args, seed),
+        "summary": summarize(results, wall, goodput),
+        "per_request": per_request(results),
+    }
+    write_report(report, args.output)
+
+
+def bench_offline(args: argparse.Namespace, seed: int) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cluster.bench_offline import profile_engine, run_engine, run_hf_static
+    from cluster.workloads import make_workload
+    from replicas import LLMEngine
+    from replicas.model_loader import resolve_dtype, resolve_model_source
+
+    torch.set_num_threads(args.threads)
+    config = engine_config_from_args(args, dtype="bfloat16", num_threads=args.threads)
+    engine = LLMEngine(config)
+    workload = make_workload(
+        engine.tokenizer,
+        args.workload,
+        args.num_requests,
+        tuple(args.prompt_len),
+        tuple(args.output_len),
+        seed,
     )
     results = [run_engine(engine, workload)]
     if not args.skip_baseline:
@@ -88,17 +160,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
         if pad is None:
             pad = engine.eos_token_ids[0]
         results.append(run_hf_static(model, pad, workload, args.batch_size))
-    lengths = [len(r.prompt_token_ids) for r in workload]
     report = {
-        "workload": {
-            "requests": len(workload),
-            "prompt_tokens": [min(lengths), max(lengths), sum(lengths)],
-            "output_tokens": [
-                min(r.max_tokens for r in workload),
-                max(r.max_tokens for r in workload),
-            ],
-            "seed": config.seed,
-        },
+        "label": args.label or "offline",
+        "workload": workload_summary(workload, args, seed),
         "engine": config.model_dump(mode="json"),
         "threads": torch.get_num_threads(),
         "results": [r.as_dict() for r in results],
@@ -107,10 +171,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
         report["speedup"] = round(results[0].tokens_per_second / results[1].tokens_per_second, 2)
     if args.profile:
         report["profile_percent_of_wall_time"] = profile_engine(engine, workload)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    write_report(report, args.output)
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from cluster.bench_plot import plot_results
+
+    plot_results([Path(p) for p in args.results], Path(args.output))
+    print(f"wrote {args.output}")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -178,20 +246,38 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--address", help="Ray cluster address (default: the local one)")
     status.set_defaults(func=cmd_status)
 
-    bench = commands.add_parser("bench", help="benchmark the engine")
+    bench = commands.add_parser(
+        "bench",
+        help="benchmark a server over HTTP, or the engine offline against HF static batches",
+    )
+    bench.add_argument("--url", default="http://127.0.0.1:8000", help="OpenAI-compatible server")
     bench.add_argument("--offline", action="store_true", help="drive the engine in-process")
+    bench.add_argument(
+        "--workload", default="random", choices=["random", "shared-prefix", "long-short"]
+    )
     bench.add_argument("--num-requests", type=int, default=64)
     bench.add_argument("--prompt-len", type=int, nargs=2, default=[20, 300], metavar=("MIN", "MAX"))
     bench.add_argument("--output-len", type=int, nargs=2, default=[16, 256], metavar=("MIN", "MAX"))
-    bench.add_argument("--threads", type=int, default=2)
-    bench.add_argument("--batch-size", type=int, default=8, help="HF static batch size")
-    bench.add_argument("--skip-baseline", action="store_true")
+    load = bench.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", type=int, help="requests in flight at once")
+    load.add_argument("--request-rate", type=float, help="Poisson arrivals, requests per second")
+    bench.add_argument("--goodput", nargs="+", metavar="SLO", help="e.g. ttft:500 tpot:50 (ms)")
+    bench.add_argument("--served-model", help="model name to request (default: the server's first)")
+    bench.add_argument("--label", help="a name for this run in reports and plots")
+    bench.add_argument("--threads", type=int, default=2, help="torch threads (offline)")
+    bench.add_argument("--batch-size", type=int, default=8, help="HF static batch size (offline)")
+    bench.add_argument("--skip-baseline", action="store_true", help="offline: engine only")
     bench.add_argument(
-        "--profile", action="store_true", help="run the workload again under the profiler"
+        "--profile", action="store_true", help="offline: run the workload again under the profiler"
     )
-    bench.add_argument("--output", help="write the JSON report here")
+    bench.add_argument("--output", help="write the JSON report (with per-request latencies) here")
     add_engine_arguments(bench)
     bench.set_defaults(func=cmd_bench)
+
+    plot = commands.add_parser("plot", help="plot benchmark result files")
+    plot.add_argument("results", nargs="+", help="JSON files written by `bench --output`")
+    plot.add_argument("-o", "--output", default="bench.png")
+    plot.set_defaults(func=cmd_plot)
     return parser
 
 

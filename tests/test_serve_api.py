@@ -273,3 +273,15 @@ def test_never_routes_to_a_dead_replica(client):
         assert response.usage.completion_tokens == 3
     wait_for(lambda: len([s for s in replica_stats(APP) if "error" not in s]) == 2, timeout=120)
     assert victim not in {s["replica"] for s in replica_stats(APP)}
+
+
+def test_bench_client_against_the_server(base_url, tokenizer):
+    from cluster.bench_client import run_benchmark, summarize
+    from cluster.workloads import make_workload
+
+    workload = make_workload(tokenizer, "random", 8, (40, 120), (4, 12), seed=0)
+    results, wall = asyncio.run(run_benchmark(base_url, "tiny", workload, 4, None, seed=0))
+    summary = summarize(results, wall)
+    assert summary["errors"] == 0, summary["error_examples"]
+    assert summary["output_tokens"] == sum(r.max_tokens for r in workload)
+    assert summary["ttft"]["p50_ms"] > 0 and summary["itl"]["p50_ms"] > 0
