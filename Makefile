@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PROMPT ?= Explain continuous batching in one paragraph.
 
-.PHONY: install serve generate bench test lint format clean
+.PHONY: install serve generate bench k8s test lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ generate: install
 
 bench: install
 	$(BIN)/python -m cluster bench --offline
+
+k8s: install
+	$(BIN)/python -m cluster k8s
 
 lint: install
 	$(BIN)/ruff check .

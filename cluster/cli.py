@@ -218,6 +218,12 @@ def cmd_status(args: argparse.Namespace) -> None:
     print(json.dumps(replica_stats(args.app), indent=2))
 
 
+def cmd_k8s(args: argparse.Namespace) -> None:
+    from cluster.k8s import write_rayservice
+
+    print(f"wrote {write_rayservice()}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cluster", description=__doc__)
     parser.add_argument("--log-level", default="WARNING")
@@ -273,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", help="write the JSON report (with per-request latencies) here")
     add_engine_arguments(bench)
     bench.set_defaults(func=cmd_bench)
+
+    k8s = commands.add_parser("k8s", help="render k8s/rayservice.yaml from configs/gpu.yaml")
+    k8s.set_defaults(func=cmd_k8s)
 
     plot = commands.add_parser("plot", help="plot benchmark result files")
     plot.add_argument("results", nargs="+", help="JSON files written by `bench --output`")

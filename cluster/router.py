@@ -13,6 +13,7 @@ import random
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 from replicas.deployment import GenerateRequest
+from replicas.metrics import RaySink
 from scheduler.routing import ReplicaLoad, RoutingWeights, rank_replicas
 
 
@@ -29,6 +30,7 @@ class KVAwareRequestRouter(FIFOMixin, RequestRouter):
     def initialize_state(self, queue_weight: float = 1.0, kv_cache_weight: float = 1.0) -> None:
         self.weights = RoutingWeights(queue=queue_weight, kv_cache=kv_cache_weight)
         self.rng = random.Random()
+        self.metrics = RaySink(["continuum_router_decisions"])
 
     def replica_load(self, replica: RunningReplica) -> ReplicaLoad:
         stats = replica.routing_stats or {}
@@ -56,3 +58,8 @@ class KVAwareRequestRouter(FIFOMixin, RequestRouter):
             # All replicas are offered at once: if none accepts, wait before asking again.
             pending_request.routing_context.should_backoff = True
         return [[by_id[replica_id]] for replica_id in ranked]
+
+    def on_request_routed(self, pending_request, replica_id, result) -> None:
+        self.metrics.record(
+            "continuum_router_decisions", 1, {"target_replica": replica_id.unique_id}
+        )

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from replicas.config import EngineConfig
 from replicas.engine import LLMEngine
+from replicas.metrics import MetricsSink
 from replicas.outputs import RequestOutput
 from replicas.sampling_params import OutputKind, SamplingParams
 
@@ -36,8 +37,8 @@ class _Stream:
 
 
 class AsyncLLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
-        self.engine = LLMEngine(config)
+    def __init__(self, config: EngineConfig, metrics: MetricsSink | None = None) -> None:
+        self.engine = LLMEngine(config, metrics)
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}

@@ -7,6 +7,8 @@ Serve calls `record_routing_stats` for the router and `check_health` to replace 
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -14,8 +16,13 @@ from ray import serve
 
 from replicas.async_engine import AsyncLLMEngine
 from replicas.config import EngineConfig
+from replicas.metrics import RaySink
 from replicas.outputs import RequestOutput
 from replicas.sampling_params import SamplingParams
+
+# Serve formats this logger's records (JSON with `logging_config.encoding: JSON`) and tags them
+# with the request id, deployment and replica.
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass
@@ -29,14 +36,33 @@ class GenerateRequest:
 
 class LLMServer:
     def __init__(self, engine_config: dict) -> None:
-        self.engine = AsyncLLMEngine(EngineConfig.model_validate(engine_config))
+        self.engine = AsyncLLMEngine(EngineConfig.model_validate(engine_config), RaySink())
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs; cancellation (client gone) aborts it, freeing blocks."""
-        async for output in self.engine.generate(
-            request.request_id, request.prompt_token_ids, request.params
-        ):
-            yield output
+        start = time.monotonic()
+        first_token = None
+        tokens = 0
+        reasons: list[str] = []
+        try:
+            async for output in self.engine.generate(
+                request.request_id, request.prompt_token_ids, request.params
+            ):
+                first_token = first_token or time.monotonic()
+                tokens += sum(len(c.token_ids) for c in output.outputs)
+                reasons += [c.finish_reason for c in output.outputs if c.finish_reason]
+                yield output
+        finally:
+            # Sizes and timings only: prompts and outputs are never logged.
+            logger.info(
+                "request %s %s: prompt_tokens=%d completion_tokens=%d ttft_ms=%s e2e_ms=%.0f",
+                request.request_id,
+                ",".join(reasons) or "abort",
+                len(request.prompt_token_ids),
+                tokens,
+                "-" if first_token is None else f"{(first_token - start) * 1000:.0f}",
+                (time.monotonic() - start) * 1000,
+            )
 
     def model_info(self) -> dict:
         engine = self.engine.engine

@@ -17,6 +17,7 @@ from torch.profiler import record_function
 from replicas.config import EngineConfig
 from replicas.detokenizer import IncrementalDetokenizer
 from replicas.kv_cache import KVCacheShape, PagedKVCache, num_blocks_for_budget
+from replicas.metrics import EngineMetrics, MetricsSink, PrometheusSink
 from replicas.model_loader import ModelLoadError, load_model
 from replicas.model_runner import ModelRunner
 from replicas.outputs import CompletionOutput, Logprob, RequestOutput
@@ -56,6 +57,7 @@ class Generation:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     num_sent_tokens: int = 0  # output tokens already handed out (OutputKind.DELTA)
+    last_token_time: float | None = None
 
 
 @dataclass(eq=False)
@@ -66,6 +68,7 @@ class Request:
     params: SamplingParams
     arrival_time: float
     generations: list[Generation] = field(default_factory=list)
+    first_scheduled_time: float | None = None
     first_token_time: float | None = None
 
     @property
@@ -76,8 +79,12 @@ class Request:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig | None = None, **overrides) -> None:
+    def __init__(
+        self, config: EngineConfig | None = None, metrics: MetricsSink | None = None, **overrides
+    ) -> None:
+        """`metrics`: where the engine's metrics go (default: a prometheus_client registry)."""
         self.config = config = config or EngineConfig(**overrides)
+        self.metrics = EngineMetrics(metrics if metrics is not None else PrometheusSink())
         loaded = load_model(config)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.model_name = loaded.name
@@ -170,6 +177,7 @@ class LLMEngine:
         self.scheduler.add(seq)
         self.requests[request_id] = request
         self.num_requests_admitted += 1
+        self.metrics.request_admitted(len(token_ids))
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now; its blocks are freed at once. Unknown ids are ignored."""
@@ -179,7 +187,9 @@ class LLMEngine:
         for gen in request.generations:
             if not gen.seq.is_finished:
                 self.scheduler.finish(gen.seq, SequenceStatus.FINISHED_ABORTED)
+                self.metrics.finished("abort", request.arrival_time)
             self._generation_of.pop(gen.seq, None)
+        self.metrics.gauges(self.scheduler, self.block_manager)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -193,6 +203,7 @@ class LLMEngine:
             batch = self.scheduler.schedule()
         if not batch:
             return []
+        self._record_first_scheduled(batch)
         sample_rows = [
             i
             for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens, strict=True))
@@ -205,7 +216,17 @@ class LLMEngine:
         with record_function("continuum.sample"):
             sampled = self.sampler(logits, [self._sampling_row(g) for g in generations])
         with record_function("continuum.outputs"):
-            return self._process_samples(generations, sampled)
+            outputs = self._process_samples(generations, sampled)
+        self.metrics.step(batch.total_tokens, self.scheduler, self.block_manager)
+        return outputs
+
+    def _record_first_scheduled(self, batch: ScheduledBatch) -> None:
+        now = time.monotonic()
+        for seq in batch.seqs:
+            request = self._generation_of[seq].request
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+                self.metrics.first_scheduled(request.arrival_time, now)
 
     def _process_samples(
         self, generations: list[Generation], sampled: SamplerOutput
@@ -213,13 +234,19 @@ class LLMEngine:
         """Append sampled tokens, detokenize, apply stop conditions, and build outputs."""
         now = time.monotonic()
         touched: dict[str, Request] = {}
+        self.metrics.tokens_sampled(len(generations))
         for gen, token_id, logprobs in zip(
             generations, sampled.token_ids, sampled.logprobs, strict=True
         ):
-            if gen.request.first_token_time is None:
-                gen.request.first_token_time = now
+            request = gen.request
+            if request.first_token_time is None:
+                request.first_token_time = now
+                self.metrics.first_token(request.arrival_time, now)
+            if gen.last_token_time is not None:
+                self.metrics.next_token(now - gen.last_token_time)
+            gen.last_token_time = now
             self._append_token(gen, token_id, logprobs)
-            touched[gen.request.request_id] = gen.request
+            touched[request.request_id] = request
         outputs = []
         for request in touched.values():
             if output := self._make_output(request):
@@ -314,6 +341,7 @@ class LLMEngine:
         gen.stop_reason = stop_reason
         self.scheduler.finish(gen.seq, FINISH_STATUS[reason])
         del self._generation_of[gen.seq]
+        self.metrics.finished(reason, gen.request.arrival_time)
 
     def _logprob_entry(self, token_id: int, logprobs: TokenLogprobs) -> dict[int, Logprob]:
         entry = {token_id: Logprob(logprobs.logprob, logprobs.rank, self._decode_token(token_id))}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -64,29 +65,51 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@dataclass
+class ServeInstance:
+    url: str  # Serve's HTTP proxy
+    metrics_url: str  # Ray's Prometheus export of this node
+
+
 @pytest.fixture(scope="session")
 def serve_instance():
-    """A local Ray with Serve on a free loopback port, shared by the end-to-end tests."""
+    """A local Ray with Serve on free loopback ports, shared by the end-to-end tests.
+
+    Metrics are reported every second (Ray's default is ten) so tests can watch them move.
+    """
     import ray
     from ray import serve
 
-    port = free_port()
-    ray.init(num_cpus=8, include_dashboard=False, namespace="serve", log_to_driver=False)
+    port, metrics_port = free_port(), free_port()
+    ray.init(
+        num_cpus=8,
+        include_dashboard=False,
+        namespace="serve",
+        log_to_driver=False,
+        _metrics_export_port=metrics_port,
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield f"http://127.0.0.1:{port}"
+    yield ServeInstance(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics")
     serve.shutdown()
     ray.shutdown()
 
 
-def deploy(serve_instance: str, name: str, args: dict) -> str:
+def deploy(serve_instance: ServeInstance, name: str, args: dict) -> str:
     """Run `build_app(args)` as application `name` under /name; return its base URL."""
     import httpx
     from ray import serve
 
     from cluster.app import build_app
 
-    serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
-    base = f"{serve_instance}/{name}"
+    serve.run(
+        build_app(args),
+        name=name,
+        route_prefix=f"/{name}",
+        blocking=False,
+        logging_config={"encoding": "JSON"},
+    )
+    base = f"{serve_instance.url}/{name}"
     wait_for(lambda: httpx.get(f"{base}/health", timeout=5).status_code == 200, timeout=300)
     return base
 
@@ -104,3 +127,17 @@ def wait_for(condition, timeout: float = 60, interval: float = 0.2):
             last_error = exc
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s (last error: {last_error!r})")
+
+
+def scrape(metrics_url: str, name: str, application: str, **labels: str) -> float:
+    """Sum of a metric's samples for one Serve application (over replicas), from Ray's export."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text):
+        for sample in family.samples:
+            wanted = {"application": application, **labels}
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in wanted.items()):
+                total += sample.value
+    return total

@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 import ray
-from conftest import deploy, wait_for
+from conftest import deploy, scrape, wait_for
 from openai import AsyncOpenAI, BadRequestError, OpenAI
 from transformers import AutoTokenizer
 
@@ -175,14 +175,25 @@ def test_n_choices_and_batched_prompts(client):
     assert chat.usage.completion_tokens == 12
 
 
-def test_client_disconnect_mid_stream_frees_blocks(base_url):
+def test_client_disconnect_mid_stream_frees_blocks(base_url, serve_instance):
+    """Disconnects abort the requests (counted as finished by "abort"), and blocks come back."""
     body = {
         "model": "tiny",
         "prompt": "word " * 200,
-        "max_tokens": 600,
+        "max_tokens": 800,
         "ignore_eos": True,
         "stream": True,
     }
+
+    def aborted() -> float:
+        return scrape(
+            serve_instance.metrics_url,
+            "ray_continuum_requests_finished_total",
+            APP,
+            finish_reason="abort",
+        )
+
+    before = aborted()
     for _ in range(3):
         with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=60) as response:
             assert response.status_code == 200
@@ -191,6 +202,35 @@ def test_client_disconnect_mid_stream_frees_blocks(base_url):
                 next(lines)
         # the connection is closed here, mid-stream
     wait_for(all_blocks_free, timeout=30)
+    wait_for(lambda: aborted() == before + 3, timeout=30)
+
+
+def test_metrics_exported_through_ray_match_responses(client, serve_instance):
+    metrics_url = serve_instance.metrics_url
+
+    def read() -> dict[str, float]:
+        names = {
+            "tokens": "ray_continuum_generation_tokens_total",
+            "length": "ray_continuum_requests_finished_total",
+            "ttft": "ray_continuum_time_to_first_token_seconds_count",
+            "routed": "ray_continuum_router_decisions_total",
+        }
+        values = {k: scrape(metrics_url, n, APP) for k, n in names.items()}
+        values["length"] = scrape(metrics_url, names["length"], APP, finish_reason="length")
+        return values
+
+    wait_for(lambda: read()["tokens"] > 0, timeout=30)
+    before = read()
+    returned = 0
+    for i in range(5):
+        response = client.completions.create(
+            model="tiny", prompt=f"count {i}", max_tokens=4 + i, **GREEDY
+        )
+        returned += response.usage.completion_tokens
+    expected = {"tokens": returned, "length": 5, "ttft": 5, "routed": 5}
+    wait_for(lambda: {k: read()[k] - before[k] for k in expected} == expected, timeout=30)
+    wait_for(lambda: scrape(metrics_url, "ray_continuum_kv_blocks_used", APP) == 0, timeout=30)
+    assert scrape(metrics_url, "ray_continuum_kv_blocks_total", APP) == 2 * ENGINE["num_blocks"]
 
 
 @pytest.mark.parametrize(
@@ -258,6 +298,41 @@ def test_malformed_json_is_400(base_url):
         headers={"content-type": "application/json"},
     )
     assert response.status_code == 400 and "error" in response.json()
+
+
+def test_request_id_header_and_structured_logs(base_url):
+    """The client's X-Request-ID comes back, names the response, and tags the replica's JSON log
+    line for the request, which holds sizes and timings but never the prompt."""
+    import glob
+    import json
+
+    secret = "a prompt that must not reach the logs"
+    response = httpx.post(
+        f"{base_url}/v1/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": secret}],
+            "max_tokens": 3,
+            "ignore_eos": True,
+        },
+        headers={"X-Request-ID": "req-logs-1"},
+    )
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == "req-logs-1"
+    assert response.json()["id"] == "chatcmpl-req-logs-1"
+    generated = httpx.post(f"{base_url}/v1/completions", json={"prompt": "x", "max_tokens": 1})
+    assert generated.headers["x-request-id"], "Serve generates a request id when none is sent"
+
+    def log_records() -> list[dict]:
+        records = []
+        for path in glob.glob(f"/tmp/ray/session_latest/logs/serve/replica_{APP}_LLMServer_*.log"):
+            with open(path) as log:
+                records += [json.loads(line) for line in log if "req-logs-1" in line]
+        return records
+
+    wait_for(lambda: any("completion_tokens=3" in r["message"] for r in log_records()), timeout=30)
+    for record in log_records():
+        assert record["request_id"] == "req-logs-1" and record["replica"]
+        assert secret not in json.dumps(record)
 
 
 def test_never_routes_to_a_dead_replica(client):
