@@ -44,12 +44,11 @@ from cluster.protocol import (
     PromptTokensDetails,
     Usage,
 )
-from replicas.async_engine import EngineDeadError
 from replicas.deployment import GenerateRequest
-from replicas.model_loader import resolve_model_source
+from replicas.errors import EngineDeadError
 from replicas.outputs import CompletionOutput, Logprob, RequestOutput
 from replicas.sampling_params import SamplingParams
-from replicas.tokenizer import load_tokenizer, render_chat
+from replicas.tokenizer import render_chat
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +239,10 @@ class OpenAIIngress:
         self.config = AppConfig.model_validate(config)
         self.llm = llm
         self.model_name = self.config.model_name
+        # Imported here: Serve's app builder imports this module and needs no transformers.
+        from replicas.model_loader import resolve_model_source
+        from replicas.tokenizer import load_tokenizer
+
         engine_config = self.config.engine
         self.tokenizer = load_tokenizer(engine_config, resolve_model_source(engine_config))
         self._model_info: dict | None = None

@@ -181,6 +181,23 @@ def cmd_plot(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}")
 
 
+def prepare_once(engine: EngineConfig) -> None:
+    """On the first run, convert the GGUF and build the CPU kernel here, once, rather than in
+    every replica at the same time. Later runs only check that the conversion exists."""
+    from replicas.model_source import converted_dir, gguf_file
+
+    gguf = gguf_file(engine)
+    if gguf is None or (converted_dir(gguf, engine.model_cache_dir) / "config.json").is_file():
+        return
+    print(f"first run: converting {gguf.name} and building the CPU attention kernel (once)")
+    from replicas.kernels import load_cpu_kernels
+    from replicas.model_loader import resolve_model_source
+
+    resolve_model_source(engine)
+    if engine.native_kernels and engine.device != "cuda":
+        load_cpu_kernels()
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     """Validate the config, then run it exactly as `serve run <config>` does."""
     import signal
@@ -196,7 +213,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise SystemExit(f"no such config file: {path}")
     deploy = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
     for application in deploy.applications:
-        AppConfig.model_validate(application.args)
+        prepare_once(AppConfig.model_validate(application.args).engine)
 
     def interrupt(*_):
         raise KeyboardInterrupt

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.serve.config import AutoscalingConfig
 
 from replicas.config import EngineConfig
-from replicas.model_loader import model_display_name
+from replicas.model_source import model_display_name
 
 
 class RouterConfig(BaseModel):

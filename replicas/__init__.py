@@ -1,18 +1,26 @@
-"""One replica's engine: model, paged KV cache, attention, sampler, step loop, and wrappers."""
+"""One replica's engine: model, paged KV cache, attention, sampler, step loop, and wrappers.
 
-from replicas.config import EngineConfig
-from replicas.engine import LLMEngine
-from replicas.llm import LLM
-from replicas.outputs import CompletionOutput, Logprob, RequestOutput
-from replicas.sampling_params import OutputKind, SamplingParams
+Exports resolve on first use, so that light modules (`replicas.config`, `replicas.outputs`) can be
+imported without loading torch and transformers (Serve's app builder, the CLI's validation).
+"""
 
-__all__ = [
-    "LLM",
-    "CompletionOutput",
-    "EngineConfig",
-    "LLMEngine",
-    "Logprob",
-    "OutputKind",
-    "RequestOutput",
-    "SamplingParams",
-]
+import importlib
+
+_EXPORTS = {
+    "LLM": "replicas.llm",
+    "LLMEngine": "replicas.engine",
+    "EngineConfig": "replicas.config",
+    "CompletionOutput": "replicas.outputs",
+    "Logprob": "replicas.outputs",
+    "RequestOutput": "replicas.outputs",
+    "OutputKind": "replicas.sampling_params",
+    "SamplingParams": "replicas.sampling_params",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'replicas' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

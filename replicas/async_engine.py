@@ -19,15 +19,12 @@ from dataclasses import dataclass
 
 from replicas.config import EngineConfig
 from replicas.engine import LLMEngine
+from replicas.errors import EngineDeadError
 from replicas.metrics import MetricsSink
 from replicas.outputs import RequestOutput
 from replicas.sampling_params import OutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    """The step loop has stopped; the replica must be replaced."""
 
 
 @dataclass

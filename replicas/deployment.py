@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 from ray import serve
 
-from replicas.async_engine import AsyncLLMEngine
 from replicas.config import EngineConfig
 from replicas.metrics import RaySink
 from replicas.outputs import RequestOutput
@@ -36,6 +35,9 @@ class GenerateRequest:
 
 class LLMServer:
     def __init__(self, engine_config: dict) -> None:
+        # Imported here: Serve's app builder imports this module and needs no torch.
+        from replicas.async_engine import AsyncLLMEngine
+
         self.engine = AsyncLLMEngine(EngineConfig.model_validate(engine_config), RaySink())
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:

@@ -16,9 +16,11 @@ from torch.profiler import record_function
 
 from replicas.config import EngineConfig
 from replicas.detokenizer import IncrementalDetokenizer
+from replicas.errors import ModelLoadError
+from replicas.kernels import load_cpu_kernels
 from replicas.kv_cache import KVCacheShape, PagedKVCache, num_blocks_for_budget
 from replicas.metrics import EngineMetrics, MetricsSink, PrometheusSink
-from replicas.model_loader import ModelLoadError, load_model
+from replicas.model_loader import load_model
 from replicas.model_runner import ModelRunner
 from replicas.outputs import CompletionOutput, Logprob, RequestOutput
 from replicas.sampler import Sampler, SamplerOutput, SamplingRow, TokenLogprobs
@@ -97,9 +99,12 @@ class LLMEngine:
                 f"max_model_len {config.max_model_len} exceeds the model's "
                 f"{model_max_len} positions"
             )
-        self._warmup(
-            shape, config.block_size, min(config.max_num_batched_tokens, model_max_len or 1 << 30)
+        self.native_decode = (
+            config.native_kernels and self.device.type == "cpu" and load_cpu_kernels()
         )
+        # On CUDA the warmup is the full budget: its peak memory is what the KV cache must leave.
+        warmup_tokens = config.max_num_batched_tokens if self.device.type == "cuda" else 16
+        self._warmup(shape, config.block_size, min(warmup_tokens, model_max_len or 1 << 30))
         num_blocks = config.num_blocks or num_blocks_for_budget(
             shape,
             config.block_size,
@@ -107,7 +112,10 @@ class LLMEngine:
             config.kv_cache_memory_gib,
             config.gpu_memory_utilization,
         )
-        kv_cache = PagedKVCache(shape, num_blocks, config.block_size, self.device)
+        # The native kernel reads only written slots; the torch path also reads padding.
+        kv_cache = PagedKVCache(
+            shape, num_blocks, config.block_size, self.device, zeroed=not self.native_decode
+        )
         max_model_len = config.max_model_len or min(
             model_max_len or 1 << 30, num_blocks * config.block_size
         )
@@ -119,7 +127,7 @@ class LLMEngine:
             self.block_manager,
         )
         self.max_model_len = max_model_len
-        self.runner = ModelRunner(self.model, kv_cache, self.device, config.native_kernels)
+        self.runner = ModelRunner(self.model, kv_cache, self.device, self.native_decode)
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
         self.backend_tokenizer = self.tokenizer.backend_tokenizer
         self.eos_token_ids = self._eos_token_ids()
@@ -413,11 +421,11 @@ class LLMEngine:
         """Run one full-budget forward on a scratch cache: a self-test of the model under paged
         attention, and on CUDA the peak activation memory the KV-cache budget must leave free."""
         num_blocks = -(-num_tokens // block_size)
-        scratch = PagedKVCache(shape, num_blocks, block_size, self.device)
+        scratch = PagedKVCache(shape, num_blocks, block_size, self.device, zeroed=True)
         seq = Sequence("warmup", [0] * num_tokens, max_tokens=1)
         seq.block_table = list(range(num_blocks))
         batch = ScheduledBatch(seqs=[seq], num_tokens=[num_tokens])
-        runner = ModelRunner(self.model, scratch, self.device, self.config.native_kernels)
+        runner = ModelRunner(self.model, scratch, self.device, self.native_decode)
         try:
             runner.execute(batch, [0])
         except (NotImplementedError, RuntimeError, ValueError) as exc:

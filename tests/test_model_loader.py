@@ -11,12 +11,9 @@ from pydantic import ValidationError
 from transformers import AutoConfig
 
 from replicas import EngineConfig, LLMEngine
-from replicas.model_loader import (
-    ModelLoadError,
-    check_supported,
-    embedded_model_file,
-    resolve_model_source,
-)
+from replicas.errors import ModelLoadError
+from replicas.model_loader import check_supported, resolve_model_source
+from replicas.model_source import embedded_model_file
 
 
 def test_gguf_is_converted_once_and_reused(smol_dir, tmp_path):

@@ -10,3 +10,15 @@ def test_scheduler_imports_neither_torch_nor_ray():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_serve_app_builder_imports_no_torch():
+    """Serve imports cluster.app to build the application (and the CLI to validate configs):
+    keeping torch and transformers out of it keeps startup fast."""
+    code = (
+        "import sys, cluster.app, cluster.cli\n"
+        "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "assert not heavy, f'cluster.app imported {heavy}'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
