@@ -92,7 +92,7 @@ def run_hf_static(
     )
 
 
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "mkldnn::_linear_pointwise")
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise")
 
 
 def profile_engine(engine: LLMEngine, workload: list[BenchRequest]) -> dict[str, float]:

@@ -1,27 +1,30 @@
-"""The engine behind an asyncio API: one thread runs the step loop, callers stream outputs.
+"""The engine behind an asyncio API: the engine runs in its own process, callers stream outputs.
 
-The engine is single-threaded by design, so every change to it (add, abort) is a command that
-the loop thread runs between steps. Outputs go back to each caller's event loop in one
-thread-safe call per loop per step. A caller that stops listening (disconnect, cancellation)
-aborts its request, and the blocks are freed before the next step.
+`AsyncLLMEngine` starts `replicas.engine_core` as a child process and talks to it over a pipe:
+commands go out (add, abort), and one message per step comes back, which a reader thread splits
+into each caller's stream (one thread-safe call per event loop per step). A caller that stops
+listening (disconnect, cancellation) aborts its request; its blocks are freed before the next
+step. If the engine process dies, every stream fails and `check_health` says so.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
-import queue
+import subprocess
+import sys
 import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from multiprocessing import Pipe
 
 from replicas.config import EngineConfig
-from replicas.engine import LLMEngine
 from replicas.errors import EngineDeadError
 from replicas.metrics import MetricsSink
-from replicas.outputs import RequestOutput
+from replicas.outputs import RequestOutput, merge_deltas
 from replicas.sampling_params import OutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -35,14 +38,27 @@ class _Stream:
 
 class AsyncLLMEngine:
     def __init__(self, config: EngineConfig, metrics: MetricsSink | None = None) -> None:
-        self.engine = LLMEngine(config, metrics)
-        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._wakeup = threading.Event()
+        """Start the engine process and wait until its model is loaded (raises if it fails)."""
+        self.metrics = metrics
+        self.stream_interval_s = config.stream_interval_ms / 1000
+        self._conn, child_conn = Pipe()
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "replicas.engine_core", str(child_conn.fileno())],
+            pass_fds=[child_conn.fileno()],
+        )
+        child_conn.close()
+        self._send_lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
+        self._pending_adds: dict[str, concurrent.futures.Future] = {}
         self._error: BaseException | None = None
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="continuum-engine", daemon=True)
-        self._thread.start()
+        self._send(config.model_dump(mode="json"))
+        reply = self._recv_startup()
+        self.info: dict = reply[1]
+        self._load: dict[str, int] = reply[2]
+        self._reader = threading.Thread(
+            target=self._read, name="continuum-engine-reader", daemon=True
+        )
+        self._reader.start()
 
     # --- caller side (any event loop) ---------------------------------------------------------
 
@@ -57,81 +73,104 @@ class AsyncLLMEngine:
         params = params.model_copy(update={"output_kind": OutputKind.DELTA})
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         added: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._submit(lambda: self._add(request_id, prompt, params, stream, added))
+        self._streams[request_id] = stream
+        self._pending_adds[request_id] = added
         finished = False
         try:
+            self._send(("add", request_id, prompt, params))
             await asyncio.wrap_future(added)
+            last_sent = None
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                if self.stream_interval_s and last_sent is not None and not item.finished:
+                    # At most one message per interval: fewer hops through Serve under load.
+                    await asyncio.sleep(last_sent + self.stream_interval_s - stream.loop.time())
+                    while not stream.queue.empty():
+                        more = stream.queue.get_nowait()
+                        if isinstance(more, BaseException):
+                            raise more
+                        item = merge_deltas(item, more)
                 finished = item.finished
                 yield item
+                last_sent = stream.loop.time()
                 if finished:
                     return
         finally:
-            if not finished:
-                self._submit(lambda: self._abort(request_id))
+            self._streams.pop(request_id, None)
+            self._pending_adds.pop(request_id, None)
+            if not finished and self._error is None:
+                self._send(("abort", request_id))
 
     def check_health(self) -> None:
-        if self._error is not None or not self._thread.is_alive():
-            raise EngineDeadError(f"the engine loop has stopped: {self._error!r}")
+        if self._error is not None or self._process.poll() is not None:
+            raise EngineDeadError(f"the engine process has stopped: {self._error!r}")
 
     def load(self) -> dict[str, int]:
-        """The replica's live load, for the router (read without locking: plain int reads)."""
-        scheduler = self.engine.scheduler
-        bm = self.engine.block_manager
-        return {
-            "num_waiting": scheduler.num_waiting,
-            "num_running": scheduler.num_running,
-            "free_blocks": bm.num_free_blocks,
-            "total_blocks": bm.num_blocks,
-            "block_size": bm.block_size,
-            "prefix_cache_queries": bm.prefix_cache_queries,
-            "prefix_cache_hits": bm.prefix_cache_hits,
-            "requests_admitted": self.engine.num_requests_admitted,
-        }
+        """The replica's load as of the engine's last step (what the router reads)."""
+        return self._load
 
     def shutdown(self) -> None:
-        self._stopping = True
-        self._wakeup.set()
-        self._thread.join(timeout=30)
+        if self._process.poll() is None:
+            try:
+                self._send(("shutdown",))
+                self._process.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self._process.kill()
+        self._conn.close()
 
-    def _submit(self, command: Callable[[], None]) -> None:
-        self._commands.put(command)
-        self._wakeup.set()
+    # --- pipe -----------------------------------------------------------------------------------
 
-    # --- loop thread --------------------------------------------------------------------------
-
-    def _add(
-        self, request_id, prompt, params, stream: _Stream, added: concurrent.futures.Future
-    ) -> None:
+    def _send(self, message) -> None:
         try:
-            self.engine.add_request(request_id, prompt, params)
-        except Exception as exc:
-            added.set_exception(exc)
-            return
-        self._streams[request_id] = stream
-        added.set_result(None)
+            with self._send_lock:
+                self._conn.send(message)
+        except OSError as exc:
+            raise EngineDeadError(f"the engine process has stopped: {exc!r}") from exc
 
-    def _abort(self, request_id: str) -> None:
-        self._streams.pop(request_id, None)
-        self.engine.abort_request(request_id)
-
-    def _run(self) -> None:
+    def _recv_startup(self) -> tuple:
         try:
-            while not self._stopping:
-                while not self._commands.empty():
-                    self._commands.get_nowait()()
-                if not self.engine.has_unfinished_requests():
-                    self._wakeup.wait()
-                    self._wakeup.clear()
-                    continue
-                self._deliver(self.engine.step())
+            reply = self._conn.recv()
+        except EOFError as exc:
+            raise EngineDeadError(f"the engine process exited with {self._process.wait()}") from exc
+        if reply[0] == "failed":
+            self._process.wait()
+            raise reply[1]
+        return reply
+
+    def _read(self) -> None:
+        """Reader thread: route each message from the engine process to its callers."""
+        try:
+            while True:
+                kind, *body = self._conn.recv()
+                if kind == "step":
+                    outputs, self._load, records = body
+                    self._deliver(outputs)
+                    self._record(records)
+                elif kind == "load":  # after an abort, with no step to report it
+                    self._load, records = body
+                    self._record(records)
+                elif kind == "added":
+                    request_id, error, self._load = body
+                    future = self._pending_adds.pop(request_id, None)
+                    if future is None:
+                        continue
+                    if error is None:
+                        future.set_result(None)
+                    else:
+                        future.set_exception(error)
+                elif kind == "dead":
+                    raise body[0]
         except BaseException as exc:
-            logger.exception("engine loop died")
-            self._error = exc
-            self._fail_all(EngineDeadError(f"the engine loop has stopped: {exc!r}"))
+            self._error = exc if not isinstance(exc, EOFError) else EngineDeadError("engine exited")
+            logger.error("the engine process stopped: %r", self._error)
+            self._fail_all(EngineDeadError(f"the engine process has stopped: {self._error!r}"))
+
+    def _record(self, records: list) -> None:
+        if self.metrics is not None:
+            for name, value, labels in records:
+                self.metrics.record(name, value, labels)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = defaultdict(
@@ -139,22 +178,22 @@ class AsyncLLMEngine:
         )
         for output in outputs:
             stream = self._streams.get(output.request_id)
-            if stream is None:
-                continue
-            if output.finished:
-                del self._streams[output.request_id]
-            by_loop[stream.loop].append((stream.queue, output))
+            if stream is not None:
+                by_loop[stream.loop].append((stream.queue, output))
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # the caller's loop is closed: nobody is listening
                 for _, output in items:
-                    self._abort(output.request_id)
+                    self._send(("abort", output.request_id))
 
     def _fail_all(self, error: BaseException) -> None:
-        streams, self._streams = self._streams, {}
-        for stream in streams.values():
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+        for future in list(self._pending_adds.values()):
+            if not future.done():
+                future.set_exception(error)
+        for stream in list(self._streams.values()):
+            with contextlib.suppress(RuntimeError):  # that caller's loop is already closed
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
 
 
 def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:

@@ -55,6 +55,11 @@ class EngineConfig(BaseModel):
         True,
         description="On CPU, decode with the native paged-attention kernel (built on first use).",
     )
+    stream_interval_ms: Annotated[int, Field(ge=0, le=2000)] = Field(
+        0,
+        description="Streaming: send a request's new tokens at most this often (the first at "
+        "once); 0 sends every token. Fewer messages leave more CPU to the engine.",
+    )
     seed: int = 0
     trust_remote_code: bool = False
 

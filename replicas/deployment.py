@@ -1,7 +1,7 @@
 """The Ray Serve replica: one engine per replica (one GPU each in production).
 
 Requests arrive as `GenerateRequest`s through `generate`, an async generator that streams the
-engine's deltas; many are in flight at once while the engine's step loop runs in its own thread.
+engine's deltas; many are in flight at once while the engine's step loop runs in its own process.
 Serve calls `record_routing_stats` for the router and `check_health` to replace a dead replica.
 """
 
@@ -67,14 +67,7 @@ class LLMServer:
             )
 
     def model_info(self) -> dict:
-        engine = self.engine.engine
-        return {
-            "model_name": engine.model_name,
-            "max_model_len": engine.max_model_len,
-            "vocab_size": engine.vocab_size,
-            "block_size": engine.block_manager.block_size,
-            "num_blocks": engine.block_manager.num_blocks,
-        }
+        return self.engine.info
 
     def record_routing_stats(self) -> dict[str, int]:
         return self.engine.load()

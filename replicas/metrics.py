@@ -162,6 +162,20 @@ class RaySink:
             metric.observe(value, tags=labels)
 
 
+class RecordingSink:
+    """Keeps records to replay into another sink (the engine process ships them per step)."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, float, dict[str, str] | None]] = []
+
+    def record(self, name: str, value: float, labels: dict[str, str] | None = None) -> None:
+        self.records.append((name, value, labels))
+
+    def drain(self) -> list[tuple[str, float, dict[str, str] | None]]:
+        records, self.records = self.records, []
+        return records
+
+
 class EngineMetrics:
     """What the engine reports, in its own terms; turns scheduler counters into deltas."""
 

@@ -22,6 +22,7 @@ from replicas.attention import ATTENTION_NAME, register_paged_attention
 from replicas.config import EngineConfig
 from replicas.errors import ModelLoadError
 from replicas.model_source import converted_dir, gguf_file, model_display_name
+from replicas.packed_linear import can_pack, pack_linear_weights
 from replicas.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -130,6 +131,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
     )
     model.to(device).eval()
     model.requires_grad_(False)
+    if config.native_kernels and can_pack(device, dtype):
+        pack_linear_weights(model)
     return LoadedModel(
         model, load_tokenizer(config, source), device, dtype, model_display_name(config.model)
     )

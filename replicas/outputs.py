@@ -51,3 +51,30 @@ class RequestOutput:
     @property
     def finish_reason(self) -> str | None:
         return self.outputs[0].finish_reason
+
+
+def merge_deltas(first: RequestOutput, then: RequestOutput) -> RequestOutput:
+    """Two consecutive delta outputs of a request as one, for streams that send less often."""
+    merged = {c.index: c for c in first.outputs}
+    for c in then.outputs:
+        prev = merged.get(c.index)
+        if prev is not None:
+            c = CompletionOutput(
+                index=c.index,
+                text=prev.text + c.text,
+                token_ids=prev.token_ids + c.token_ids,
+                finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+                logprobs=None if prev.logprobs is None else prev.logprobs + (c.logprobs or []),
+                cumulative_logprob=c.cumulative_logprob,
+            )
+        merged[c.index] = c
+    return RequestOutput(
+        request_id=then.request_id,
+        prompt=then.prompt,
+        prompt_token_ids=then.prompt_token_ids,
+        outputs=[merged[i] for i in sorted(merged)],
+        finished=then.finished,
+        num_cached_tokens=then.num_cached_tokens,
+        metrics=then.metrics,
+    )

@@ -1,0 +1,144 @@
+"""The engine behind asyncio: its own process, streams per request, aborts that free blocks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from conftest import wait_for
+from torch import nn
+
+from replicas.async_engine import AsyncLLMEngine
+from replicas.config import EngineConfig
+from replicas.errors import EngineDeadError
+from replicas.outputs import CompletionOutput, RequestOutput, merge_deltas
+from replicas.packed_linear import PackedLinear, can_pack
+from replicas.sampling_params import SamplingParams
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+def engine_config(tiny_dir, **overrides) -> EngineConfig:
+    settings = dict(
+        model=str(tiny_dir), dtype="float32", device="cpu", num_threads=1, num_blocks=64
+    )
+    return EngineConfig(**{**settings, "block_size": 4, **overrides})
+
+
+async def collect(engine: AsyncLLMEngine, request_id: str, prompt, params) -> RequestOutput:
+    merged = None
+    async for output in engine.generate(request_id, prompt, params):
+        merged = output if merged is None else merge_deltas(merged, output)
+    return merged
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    engine = AsyncLLMEngine(engine_config(tiny_dir))
+    yield engine
+    engine.shutdown()
+
+
+def blocks_all_free(engine: AsyncLLMEngine) -> bool:
+    load = engine.load()
+    return load["free_blocks"] == load["total_blocks"] and load["num_running"] == 0
+
+
+def test_concurrent_streams_equal_one_at_a_time(engine):
+    prompts = [[5 + i, 17, 300 + 7 * i] * (i + 1) for i in range(6)]
+    params = [SamplingParams(max_tokens=4 + 3 * i, **GREEDY) for i in range(6)]
+
+    async def run(concurrently: bool) -> list[RequestOutput]:
+        calls = [
+            collect(engine, f"{concurrently}-{i}", p, s)
+            for i, (p, s) in enumerate(zip(prompts, params, strict=True))
+        ]
+        if concurrently:
+            return await asyncio.gather(*calls)
+        return [await call for call in calls]
+
+    alone, together = asyncio.run(run(False)), asyncio.run(run(True))
+    for i, (a, b) in enumerate(zip(alone, together, strict=True)):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids, f"request {i} changed in a batch"
+        assert len(a.outputs[0].token_ids) == params[i].max_tokens
+        assert a.finished and a.finish_reason == "length"
+    wait_for(lambda: blocks_all_free(engine), timeout=10)
+
+
+def test_stream_interval_coalesces_deltas_without_losing_tokens(tiny_dir, engine):
+    params = SamplingParams(max_tokens=40, **GREEDY)
+    expected = asyncio.run(collect(engine, "plain", [7, 8, 9], params))
+    coalescing = AsyncLLMEngine(engine_config(tiny_dir, stream_interval_ms=50))
+    try:
+
+        async def chunks() -> list[RequestOutput]:
+            return [o async for o in coalescing.generate("coalesced", [7, 8, 9], params)]
+
+        outputs = asyncio.run(chunks())
+    finally:
+        coalescing.shutdown()
+    tokens = [t for o in outputs for t in o.outputs[0].token_ids]
+    assert tokens == expected.outputs[0].token_ids
+    assert "".join(o.outputs[0].text for o in outputs) == expected.outputs[0].text
+    assert len(outputs) < 40, "no deltas were merged"
+
+
+def test_a_caller_that_leaves_aborts_its_request_and_frees_blocks(engine):
+    async def leave_early() -> None:
+        params = SamplingParams(max_tokens=200, **GREEDY)
+        stream = engine.generate("leaver", list(range(10, 50)), params)
+        async for _ in stream:
+            break
+        await stream.aclose()
+
+    asyncio.run(leave_early())
+    wait_for(lambda: blocks_all_free(engine), timeout=10)
+
+
+def test_requests_that_can_never_run_are_refused_at_once(engine):
+    too_long = SamplingParams(max_tokens=10_000, **GREEDY)
+    with pytest.raises(ValueError, match="exceeds"):
+        asyncio.run(collect(engine, "too-long", [1, 2, 3], too_long))
+    assert blocks_all_free(engine)
+
+
+def test_a_dead_engine_process_fails_health_and_streams(tiny_dir):
+    engine = AsyncLLMEngine(engine_config(tiny_dir))
+    engine.check_health()
+    engine._process.kill()
+    engine._process.wait()
+    wait_for(lambda: engine._error is not None, timeout=10)
+    with pytest.raises(EngineDeadError):
+        engine.check_health()
+    with pytest.raises(EngineDeadError):
+        asyncio.run(collect(engine, "after-death", [1, 2], SamplingParams(max_tokens=2)))
+    engine.shutdown()
+
+
+@pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16), reason="no oneDNN")
+def test_packed_linear_equals_nn_linear_exactly():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96, bias=True).to(torch.bfloat16)
+    packed = PackedLinear(linear)
+    for rows in (1, 7, 64, 200):
+        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+        assert torch.equal(packed(x), linear(x)), f"packed result differs for {rows} rows"
+
+
+def test_merge_deltas_concatenates_text_tokens_and_logprobs():
+    def delta(text, ids, finished=False):
+        out = CompletionOutput(
+            index=0,
+            text=text,
+            token_ids=ids,
+            finish_reason="length" if finished else None,
+            logprobs=[{i: None} for i in ids],
+        )
+        return RequestOutput("r", None, [1], [out], finished=finished)
+
+    merged = merge_deltas(delta("a", [1]), delta("bc", [2, 3], finished=True))
+    assert merged.outputs[0].text == "abc"
+    assert merged.outputs[0].token_ids == [1, 2, 3]
+    assert len(merged.outputs[0].logprobs) == 3
+    assert merged.finished and merged.finish_reason == "length"
