@@ -9,17 +9,25 @@ see real types in their signatures, not strings it can no longer resolve.
 """
 
 import asyncio
+import contextlib
+import hmac
 import logging
+import math
+import os
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
-from ray.exceptions import TaskCancelledError
+from ray.exceptions import RayActorError, TaskCancelledError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from starlette.exceptions import HTTPException
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from cluster.config import AppConfig
 from cluster.protocol import (
@@ -45,10 +53,11 @@ from cluster.protocol import (
     Usage,
 )
 from replicas.deployment import GenerateRequest
-from replicas.errors import EngineDeadError
+from replicas.errors import EngineDeadError, EngineStepError
 from replicas.outputs import CompletionOutput, Logprob, RequestOutput
 from replicas.sampling_params import SamplingParams
 from replicas.tokenizer import render_chat
+from scheduler import QueueFullError
 
 logger = logging.getLogger(__name__)
 
@@ -65,19 +74,42 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status = status
         self.detail = ErrorDetail(message=message, type=type, param=param, code=code)
+        self.headers = headers
 
 
 def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(ErrorResponse(error=error.detail).model_dump(), status_code=error.status)
+    return JSONResponse(
+        ErrorResponse(error=error.detail).model_dump(),
+        status_code=error.status,
+        headers=error.headers,
+    )
+
+
+def retry_later(status: int, message: str, code: str) -> APIError:
+    """Overload or a replica restarting: the client should come back in a moment."""
+    kind = "rate_limit_error" if status == 429 else "service_unavailable"
+    return APIError(status, message, kind, code=code, headers={"Retry-After": "1"})
+
+
+def request_timeout() -> APIError:
+    return APIError(408, "the request passed its deadline", "timeout_error", code="request_timeout")
 
 
 @app.exception_handler(APIError)
 async def _api_error(_: Request, exc: APIError) -> JSONResponse:
     return error_response(exc)
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own errors (unparsable body, unknown route, ...) in OpenAI's shape."""
+    kind = "invalid_request_error" if exc.status_code < 500 else "internal_error"
+    return error_response(APIError(exc.status_code, str(exc.detail), kind, headers=exc.headers))
 
 
 @app.exception_handler(RequestValidationError)
@@ -126,18 +158,94 @@ class InternalErrorMiddleware:
             await response(scope, receive, send)
 
 
+@dataclass
+class Guard:
+    """What every request is checked against before routing: the API key and the body size."""
+
+    api_key: bytes | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+
+
+# Serve runs one ingress replica per process; it sets this through `configure_guard`.
+guard = Guard()
+
+
+def configure_guard(api_key: str | None, max_body_bytes: int) -> None:
+    """Set what `GuardMiddleware` checks. A module function, not an attribute write in the
+    ingress: Serve ships the ingress class by value, with copies of the globals it names."""
+    guard.api_key = api_key.strip().encode() if api_key and api_key.strip() else None
+    guard.max_body_bytes = max_body_bytes
+
+
+class GuardMiddleware:
+    """Bearer-key check (constant time; /health is open) and the request body size limit."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        if guard.api_key is not None and route_path(scope) != "/health":
+            scheme, _, key = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(key.strip(), guard.api_key):
+                error = APIError(
+                    401,
+                    "missing or incorrect API key (Authorization: Bearer <key>)",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                await error_response(error)(scope, receive, send)
+                return
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > guard.max_body_bytes:
+            error = APIError(
+                413, f"the request body is over {guard.max_body_bytes} bytes", code="too_large"
+            )
+            await error_response(error)(scope, receive, send)
+            return
+        # Bodies without a length are counted as they arrive (413 through `_http_error`).
+        await RequestBodyLimitMiddleware(self.app, guard.max_body_bytes)(scope, receive, send)
+
+
+def route_path(scope) -> str:
+    """The path below the application's route prefix."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+# The last added runs first: unexpected errors are caught around everything else.
+app.add_middleware(GuardMiddleware)
 app.add_middleware(InternalErrorMiddleware)
 
 
 def classify_engine_error(exc: BaseException) -> APIError:
     """Map an exception raised by a replica (Ray wraps it) to what the client should see."""
+    if isinstance(exc, APIError):
+        return exc
     cause = getattr(exc, "cause", None) or exc
-    if isinstance(cause, EngineDeadError):
-        return APIError(503, "the model replica is restarting; retry", "service_unavailable")
+    if isinstance(cause, QueueFullError):
+        return retry_later(429, str(cause), "queue_full")
+    if isinstance(cause, BackPressureError):
+        return retry_later(503, "all replicas are busy; retry", "queue_full")
+    if isinstance(cause, EngineDeadError | RayActorError):
+        return retry_later(503, "the model replica is restarting; retry", "replica_unavailable")
     if isinstance(cause, ValueError):
         return APIError(400, str(cause).splitlines()[0] if str(cause) else "invalid request")
+    if isinstance(cause, EngineStepError):
+        logger.error("engine step failed: %s", cause)
+        return APIError(500, "the engine failed while generating this request", "internal_error")
     logger.error("request failed: %r", exc)
     return APIError(500, "internal error while generating", "internal_error")
+
+
+def cancel_quietly(response: DeploymentResponseGenerator) -> None:
+    """Cancel a replica call (aborting its request). `cancel` re-raises the error of a call
+    that already failed, which has nothing left to cancel."""
+    with contextlib.suppress(Exception):
+        response.cancel()
 
 
 def request_id_of(request: Request) -> str:
@@ -246,6 +354,11 @@ class OpenAIIngress:
         engine_config = self.config.engine
         self.tokenizer = load_tokenizer(engine_config, resolve_model_source(engine_config))
         self._model_info: dict | None = None
+        self.limits = self.config.limits
+        api_key = os.environ.get(self.config.api_key_env)
+        configure_guard(api_key, self.limits.max_body_bytes)
+        if not api_key:
+            logger.warning("no API key in $%s: the API is open to anyone", self.config.api_key_env)
 
     # --- routes -------------------------------------------------------------------------------
 
@@ -266,19 +379,24 @@ class OpenAIIngress:
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, raw: Request):
+        deadline = self.deadline(raw)
         self.check_model(body.model)
         if body.echo and body.logprobs is not None:
             raise APIError(400, "echo with logprobs is not supported", param="echo")
         request_id = f"cmpl-{request_id_of(raw)}"
-        params = body.sampling_params(body.max_tokens, body.logprobs)
         prompts = body.prompts()
         token_prompts = [self.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+        max_tokens = await self.max_tokens(body.max_tokens, token_prompts, "prompt")
+        params = body.sampling_params(max_tokens, body.logprobs)
         echoes = [
             (p if isinstance(p, str) else self.tokenizer.decode(p)) if body.echo else ""
             for p in prompts
         ]
         started = await asyncio.gather(
-            *(self.start(f"{request_id}-{i}", ids, params) for i, ids in enumerate(token_prompts)),
+            *(
+                self.start(f"{request_id}-{i}", ids, params, deadline)
+                for i, ids in enumerate(token_prompts)
+            ),
             return_exceptions=True,
         )
         if errors := [s for s in started if isinstance(s, BaseException)]:
@@ -293,15 +411,17 @@ class OpenAIIngress:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, raw: Request):
+        deadline = self.deadline(raw)
         self.check_model(body.model)
         try:
             prompt = render_chat(self.tokenizer, [m.as_template_message() for m in body.messages])
         except Exception as exc:
             raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
+        max_tokens = await self.max_tokens(body.requested_max_tokens, [prompt], "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = body.sampling_params(body.requested_max_tokens, logprobs)
+        params = body.sampling_params(max_tokens, logprobs)
         request_id = f"chatcmpl-{request_id_of(raw)}"
-        stream = await self.start(request_id, prompt, params)
+        stream = await self.start(request_id, prompt, params, deadline)
         if body.stream:
             return self.stream_response(self.chat_events(request_id, body, stream, len(prompt)))
         return await self.chat_result(request_id, body, stream, len(prompt))
@@ -322,18 +442,66 @@ class OpenAIIngress:
                 code="model_not_found",
             )
 
+    def deadline(self, raw: Request) -> float:
+        """When this request must be done (event-loop time): the configured timeout, or the
+        client's shorter X-Request-Timeout (seconds)."""
+        timeout = self.limits.request_timeout_s
+        if (header := raw.headers.get("x-request-timeout")) is not None:
+            try:
+                requested = float(header)
+            except ValueError:
+                requested = math.nan
+            if not (requested > 0 and math.isfinite(requested)):
+                raise APIError(
+                    400, "X-Request-Timeout must be a positive number of seconds", param="header"
+                )
+            timeout = min(timeout, requested)
+        return asyncio.get_running_loop().time() + timeout
+
+    async def max_tokens(
+        self, requested: int | None, prompts: list[list[int]], param: str
+    ) -> int | None:
+        """Apply the prompt-length and max_tokens limits; the cap is also the default."""
+        limit = self.limits.max_prompt_tokens
+        if limit is not None and (longest := max(len(p) for p in prompts)) > limit:
+            raise APIError(
+                400,
+                f"the prompt has {longest} tokens; this server accepts at most {limit}",
+                param=param,
+                code="context_length_exceeded",
+            )
+        cap = self.limits.max_tokens
+        if cap is None:
+            return requested
+        if requested is not None and requested > cap:
+            raise APIError(
+                400, f"max_tokens is at most {cap} here", param="max_tokens", code="invalid_value"
+            )
+        if requested is None:
+            room = (await self.model_info())["max_model_len"] - max(len(p) for p in prompts)
+            return max(1, min(cap, room))
+        return requested
+
     async def start(
-        self, request_id: str, prompt: list[int], params: SamplingParams
+        self, request_id: str, prompt: list[int], params: SamplingParams, deadline: float
     ) -> AsyncIterator[RequestOutput]:
         """Send a request to a replica and wait for its first output, so that a request the
-        engine refuses becomes a 400 before any response is sent."""
-        response: DeploymentResponseGenerator = self.llm.options(stream=True).generate.remote(
-            GenerateRequest(request_id, prompt, params)
-        )
+        engine refuses becomes a 4xx before any response is sent. Past `deadline`, the request
+        is cancelled (its blocks freed) and the client gets a 408."""
         try:
-            first = await response.__anext__()
+            response: DeploymentResponseGenerator = self.llm.options(stream=True).generate.remote(
+                GenerateRequest(request_id, prompt, params)
+            )
+        except BackPressureError as exc:  # the queue for replicas is full
+            raise classify_engine_error(exc) from exc
+        try:
+            async with asyncio.timeout_at(deadline):
+                first = await response.__anext__()
+        except TimeoutError:
+            cancel_quietly(response)
+            raise request_timeout() from None
         except Exception as exc:
-            response.cancel()
+            cancel_quietly(response)
             raise classify_engine_error(exc) from exc
 
         async def outputs() -> AsyncIterator[RequestOutput]:
@@ -341,12 +509,19 @@ class OpenAIIngress:
                 yield first
                 if first.finished:
                     return
-                async for output in response:
+                while True:
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            output = await response.__anext__()
+                    except StopAsyncIteration:
+                        return
+                    except TimeoutError:
+                        raise request_timeout() from None
                     yield output
                     if output.finished:
                         return
             finally:
-                response.cancel()  # no-op if finished; aborts the request if the client left
+                cancel_quietly(response)  # no-op if finished; aborts it if the client left
 
         return outputs()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -85,6 +86,12 @@ async def stream_chat(
     return result
 
 
+def auth_headers() -> dict[str, str]:
+    """The server's API key, from $OPENAI_API_KEY as the OpenAI tools read it."""
+    key = os.environ.get("OPENAI_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 async def run_benchmark(
     base_url: str,
     model: str,
@@ -100,7 +107,7 @@ async def run_benchmark(
     bar = tqdm(total=len(workload), desc=f"bench {base_url}")
     timeout = httpx.Timeout(None, connect=30)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=auth_headers()) as client:
 
         async def one(request: BenchRequest) -> RequestResult:
             async with limit:

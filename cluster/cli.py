@@ -96,13 +96,20 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     import httpx
 
-    from cluster.bench_client import parse_goodput, per_request, run_benchmark, summarize
+    from cluster.bench_client import (
+        auth_headers,
+        parse_goodput,
+        per_request,
+        run_benchmark,
+        summarize,
+    )
 
     goodput = parse_goodput(args.goodput)
     base_url = args.url.rstrip("/")
-    model = (
-        args.served_model or httpx.get(f"{base_url}/v1/models", timeout=30).json()["data"][0]["id"]
-    )
+    model = args.served_model
+    if model is None:
+        models = httpx.get(f"{base_url}/v1/models", timeout=30, headers=auth_headers())
+        model = models.json()["data"][0]["id"]
     workload = make_workload(
         default_tokenizer(args),
         args.workload,

@@ -36,7 +36,13 @@ class ReplicaConfig(BaseModel):
 
     num_replicas: Annotated[int, Field(ge=1)] | None = 1
     autoscaling_config: AutoscalingConfig | None = None
-    max_ongoing_requests: Annotated[int, Field(ge=1)] = 256
+    max_ongoing_requests: Annotated[int, Field(ge=1)] = Field(
+        256, description="Requests in flight to one replica at once (Serve's limit)."
+    )
+    max_queued_requests: Annotated[int, Field(ge=1)] = Field(
+        1024,
+        description="Requests waiting at the ingress for a replica; beyond it, HTTP 503.",
+    )
     ray_actor_options: dict[str, Any] = Field(default_factory=dict)
     health_check_period_s: Annotated[float, Field(gt=0)] = 5.0
     health_check_timeout_s: Annotated[float, Field(gt=0)] = 60.0
@@ -56,6 +62,29 @@ class ReplicaConfig(BaseModel):
         return options
 
 
+class LimitsConfig(BaseModel):
+    """What one request may ask for, checked at the ingress before it reaches a replica."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_prompt_tokens: Annotated[int, Field(gt=0)] | None = Field(
+        None, description="Longest prompt accepted (default: what the context allows)."
+    )
+    max_tokens: Annotated[int, Field(gt=0)] | None = Field(
+        None,
+        description="Cap on a request's max_tokens; also the default when it sets none "
+        "(default: what the context leaves).",
+    )
+    max_body_bytes: Annotated[int, Field(gt=0)] = Field(
+        4 * 1024 * 1024, description="Largest request body (HTTP 413 beyond)."
+    )
+    request_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        600.0,
+        description="Deadline of a request; a client may shorten it with the X-Request-Timeout "
+        "header (seconds). Expired requests are aborted (HTTP 408).",
+    )
+
+
 class AppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -65,6 +94,12 @@ class AppConfig(BaseModel):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     replicas: ReplicaConfig = Field(default_factory=ReplicaConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    api_key_env: str = Field(
+        "CONTINUUM_API_KEY",
+        description="Environment variable holding the API key (e.g. from a Kubernetes Secret). "
+        "When it is set, every route but /health needs `Authorization: Bearer <key>`.",
+    )
 
     @model_validator(mode="after")
     def _device_matches_resources(self) -> AppConfig:

@@ -15,6 +15,22 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from replicas.sampling_params import MAX_LOGPROBS, SamplingParams
 
 MAX_STOP_SEQUENCES = 16
+MAX_STOP_LENGTH = 512  # characters per stop sequence
+MAX_PROMPTS = 64  # prompts in one completions request
+
+
+def _encodable(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_encodable(k) and _encodable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_encodable(v) for v in value)
+    return True
 
 
 class ErrorDetail(BaseModel):
@@ -68,7 +84,17 @@ class SamplingFields(BaseModel):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_LENGTH for s in stops):
+            raise ValueError(f"stop sequences are at most {MAX_STOP_LENGTH} characters")
         return stops
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        """JSON can carry lone surrogates (\\ud800) that no tokenizer can encode: refuse them."""
+        if not _encodable(data):
+            raise ValueError("strings must be valid Unicode (found a lone surrogate)")
+        return data
 
     @field_validator("logit_bias")
     @classmethod
@@ -127,6 +153,8 @@ class CompletionRequest(SamplingFields):
             not value or any(isinstance(p, list) and not p for p in value)
         ):
             raise ValueError("prompt must not be empty")
+        if isinstance(value, list) and not isinstance(value[0], int) and len(value) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts in one request")
         return value
 
     @model_validator(mode="after")

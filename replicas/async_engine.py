@@ -22,12 +22,14 @@ from dataclasses import dataclass
 from multiprocessing import Pipe
 
 from replicas.config import EngineConfig
-from replicas.errors import EngineDeadError
-from replicas.metrics import MetricsSink
+from replicas.errors import EngineDeadError, EngineStepError
+from replicas.metrics import RaySink
 from replicas.outputs import RequestOutput, merge_deltas
 from replicas.sampling_params import OutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
+
+GAUGE_REFRESH_S = 1.0
 
 
 @dataclass
@@ -37,7 +39,7 @@ class _Stream:
 
 
 class AsyncLLMEngine:
-    def __init__(self, config: EngineConfig, metrics: MetricsSink | None = None) -> None:
+    def __init__(self, config: EngineConfig, metrics: RaySink | None = None) -> None:
         """Start the engine process and wait until its model is loaded (raises if it fails)."""
         self.metrics = metrics
         self.stream_interval_s = config.stream_interval_ms / 1000
@@ -84,6 +86,9 @@ class AsyncLLMEngine:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                if item.error is not None:
+                    finished = True  # the engine has dropped it already
+                    raise EngineStepError(item.error)
                 if self.stream_interval_s and last_sent is not None and not item.finished:
                     # At most one message per interval: fewer hops through Serve under load.
                     await asyncio.sleep(last_sent + self.stream_interval_s - stream.loop.time())
@@ -91,6 +96,9 @@ class AsyncLLMEngine:
                         more = stream.queue.get_nowait()
                         if isinstance(more, BaseException):
                             raise more
+                        if more.error is not None:
+                            finished = True
+                            raise EngineStepError(more.error)
                         item = merge_deltas(item, more)
                 finished = item.finished
                 yield item
@@ -143,6 +151,10 @@ class AsyncLLMEngine:
         """Reader thread: route each message from the engine process to its callers."""
         try:
             while True:
+                if not self._conn.poll(GAUGE_REFRESH_S):  # idle: keep the gauges alive
+                    if self.metrics is not None:
+                        self.metrics.refresh_gauges()
+                    continue
                 kind, *body = self._conn.recv()
                 if kind == "step":
                     outputs, self._load, records = body

@@ -46,6 +46,13 @@ class EngineConfig(BaseModel):
     max_num_batched_tokens: Annotated[int, Field(gt=0)] = 512
     max_num_seqs: Annotated[int, Field(gt=0)] = 64
     max_model_len: Annotated[int, Field(gt=0)] | None = None
+    max_waiting_seqs: Annotated[int, Field(gt=0)] = Field(
+        1024, description="Admission bound: new requests beyond it are refused (HTTP 429)."
+    )
+    max_queued_prompt_tokens: Annotated[int, Field(gt=0)] = Field(
+        262_144,
+        description="Admission bound on prompt tokens waiting for prefill (HTTP 429 beyond).",
+    )
     enable_prefix_caching: bool = True
     model_cache_dir: Path = Field(default_factory=default_cache_dir)
     num_threads: Annotated[int, Field(gt=0)] | None = Field(
@@ -53,7 +60,8 @@ class EngineConfig(BaseModel):
     )
     native_kernels: bool = Field(
         True,
-        description="On CPU, decode with the native paged-attention kernel (built on first use).",
+        description="On CPU: decode with the native paged-attention kernel (built on first use) "
+        "and prepack bf16/fp16 linear weights for oneDNN.",
     )
     stream_interval_ms: Annotated[int, Field(ge=0, le=2000)] = Field(
         0,
@@ -61,7 +69,14 @@ class EngineConfig(BaseModel):
         "once); 0 sends every token. Fewer messages leave more CPU to the engine.",
     )
     seed: int = 0
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with the model (only for sources you trust)."
+    )
+    allow_pickle_weights: bool = Field(
+        False,
+        description="Also load .bin/.pt weights (pickle: can run code). Default: only "
+        "safetensors or GGUF.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -123,7 +123,13 @@ class LLMEngine:
             num_blocks, config.block_size, config.enable_prefix_caching
         )
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, max_model_len),
+            SchedulerConfig(
+                config.max_num_batched_tokens,
+                config.max_num_seqs,
+                max_model_len,
+                config.max_waiting_seqs,
+                config.max_queued_prompt_tokens,
+            ),
             self.block_manager,
         )
         self.max_model_len = max_model_len
@@ -189,15 +195,10 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now; its blocks are freed at once. Unknown ids are ignored."""
-        request = self.requests.pop(request_id, None)
-        if request is None:
-            return
-        for gen in request.generations:
-            if not gen.seq.is_finished:
-                self.scheduler.finish(gen.seq, SequenceStatus.FINISHED_ABORTED)
-                self.metrics.finished("abort", request.arrival_time)
-            self._generation_of.pop(gen.seq, None)
-        self.metrics.gauges(self.scheduler, self.block_manager)
+        request = self.requests.get(request_id)
+        if request is not None:
+            self._drop(request, "abort")
+            self.metrics.gauges(self.scheduler, self.block_manager)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -211,6 +212,13 @@ class LLMEngine:
             batch = self.scheduler.schedule()
         if not batch:
             return []
+        try:
+            return self._run(batch)
+        except Exception as exc:  # a fault in one step fails that step's requests, not the engine
+            logger.exception("step failed; failing the %d requests in it", len(batch.seqs))
+            return self._fail(batch, f"{type(exc).__name__}: {exc}")
+
+    def _run(self, batch: ScheduledBatch) -> list[RequestOutput]:
         self._record_first_scheduled(batch)
         sample_rows = [
             i
@@ -227,6 +235,41 @@ class LLMEngine:
             outputs = self._process_samples(generations, sampled)
         self.metrics.step(batch.total_tokens, self.scheduler, self.block_manager)
         return outputs
+
+    def _fail(self, batch: ScheduledBatch, error: str) -> list[RequestOutput]:
+        """End every request with a sequence in `batch`; their blocks are freed now."""
+        failed = {
+            gen.request.request_id: gen.request
+            for seq in batch.seqs
+            if (gen := self._generation_of.get(seq)) is not None
+        }
+        outputs = []
+        for request in failed.values():
+            self._drop(request, "error")
+            outputs.append(
+                RequestOutput(
+                    request_id=request.request_id,
+                    prompt=request.prompt,
+                    prompt_token_ids=request.prompt_token_ids,
+                    outputs=[
+                        CompletionOutput(g.index, "", [], finish_reason="error")
+                        for g in request.generations
+                    ],
+                    finished=True,
+                    error=error,
+                )
+            )
+        self.metrics.gauges(self.scheduler, self.block_manager)
+        return outputs
+
+    def _drop(self, request: Request, reason: str) -> None:
+        """Forget `request`, finishing its unfinished sequences (counted under `reason`)."""
+        del self.requests[request.request_id]
+        for gen in request.generations:
+            if not gen.seq.is_finished:
+                self.scheduler.finish(gen.seq, SequenceStatus.FINISHED_ABORTED)
+                self.metrics.finished(reason, request.arrival_time)
+            self._generation_of.pop(gen.seq, None)
 
     def _record_first_scheduled(self, batch: ScheduledBatch) -> None:
         now = time.monotonic()

@@ -7,3 +7,7 @@ class EngineDeadError(RuntimeError):
 
 class ModelLoadError(RuntimeError):
     """The model cannot be found, converted or served by this engine."""
+
+
+class EngineStepError(RuntimeError):
+    """The engine step running this request failed; the request is over, the engine is not."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Sequence as Seq
 
 from tqdm.auto import tqdm
@@ -11,6 +12,7 @@ from replicas.config import EngineConfig
 from replicas.engine import LLMEngine
 from replicas.outputs import RequestOutput
 from replicas.sampling_params import OutputKind, SamplingParams
+from scheduler import QueueFullError
 
 Prompt = str | list[int]
 Conversation = list[dict]
@@ -60,18 +62,15 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError("give one SamplingParams, or one per prompt")
+        pending = deque(enumerate(zip(prompts, params_list, strict=True)))
         order: dict[str, int] = {}
+        results: list[RequestOutput | None] = [None] * len(prompts)
         try:
-            for i, (prompt, params) in enumerate(zip(prompts, params_list, strict=True)):
-                request_id = str(next(self._ids))
-                final = params.model_copy(update={"output_kind": OutputKind.FINAL_ONLY})
-                self.engine.add_request(request_id, prompt, final)
-                order[request_id] = i
-            results: list[RequestOutput | None] = [None] * len(prompts)
             with tqdm(
                 total=len(prompts), desc="Generating", disable=not use_tqdm or len(prompts) < 2
             ) as bar:
-                while self.engine.has_unfinished_requests():
+                while pending or self.engine.has_unfinished_requests():
+                    self._admit(pending, order)
                     for output in self.engine.step():
                         if output.finished:
                             results[order[output.request_id]] = output
@@ -80,3 +79,17 @@ class LLM:
             for request_id in order:
                 self.engine.abort_request(request_id)
         return results
+
+    def _admit(self, pending: deque, order: dict[str, int]) -> None:
+        """Queue as many pending prompts as the engine's admission bounds take (an empty queue
+        always takes one)."""
+        while pending:
+            i, (prompt, params) = pending[0]
+            request_id = str(next(self._ids))
+            final = params.model_copy(update={"output_kind": OutputKind.FINAL_ONLY})
+            try:
+                self.engine.add_request(request_id, prompt, final)
+            except QueueFullError:
+                return
+            order[request_id] = i
+            pending.popleft()

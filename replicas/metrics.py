@@ -133,11 +133,16 @@ class PrometheusSink:
 
 
 class RaySink:
-    """Ray Serve metrics: tagged with deployment, replica and application when in a replica."""
+    """Ray Serve metrics: tagged with deployment, replica and application when in a replica.
+
+    Ray drops a gauge series that is not set again within two report intervals, so the last
+    value of each gauge is kept for `refresh_gauges` to set again while the engine is idle.
+    """
 
     def __init__(self, names: list[str] | None = None) -> None:
         from ray.serve import metrics as serve_metrics
 
+        self._gauge_values: dict[tuple[str, tuple], tuple[float, dict[str, str] | None]] = {}
         self._metrics = {}
         for name in names or list(METRICS):
             spec = METRICS[name]
@@ -158,8 +163,13 @@ class RaySink:
                 metric.inc(value, tags=labels)
         elif kind == "gauge":
             metric.set(value, tags=labels)
+            self._gauge_values[(name, tuple(sorted((labels or {}).items())))] = (value, labels)
         else:
             metric.observe(value, tags=labels)
+
+    def refresh_gauges(self) -> None:
+        for (name, _), (value, labels) in list(self._gauge_values.items()):
+            self._metrics[name][1].set(value, tags=labels)
 
 
 class RecordingSink:

@@ -126,9 +126,22 @@ def load_model(config: EngineConfig) -> LoadedModel:
         raise ModelLoadError(f"cannot load model {source!r}: {exc}") from exc
     check_supported(model_config)
     register_paged_attention()
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype, attn_implementation=ATTENTION_NAME, use_safetensors=True, **common
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=dtype,
+            attn_implementation=ATTENTION_NAME,
+            # Pickled weights can run code when loaded: only if the operator opts in.
+            use_safetensors=None if config.allow_pickle_weights else True,
+            **common,
+        )
+    except OSError as exc:
+        hint = (
+            ""
+            if config.allow_pickle_weights
+            else " (only safetensors weights are loaded unless allow_pickle_weights is set)"
+        )
+        raise ModelLoadError(f"cannot load the weights of {source!r}{hint}: {exc}") from exc
     model.to(device).eval()
     model.requires_grad_(False)
     if config.native_kernels and can_pack(device, dtype):

@@ -19,7 +19,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float | None = None
@@ -38,6 +38,7 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None  # the step running this request failed; the request is over
 
     # Shortcuts to the first generation, for the common n == 1 case.
     @property
@@ -77,4 +78,5 @@ def merge_deltas(first: RequestOutput, then: RequestOutput) -> RequestOutput:
         finished=then.finished,
         num_cached_tokens=then.num_cached_tokens,
         metrics=then.metrics,
+        error=then.error,
     )

@@ -4,11 +4,18 @@ Imports neither torch nor ray, so it can be reasoned about and tested on its own
 """
 
 from scheduler.block_manager import BlockManager
-from scheduler.scheduler import RequestTooLongError, ScheduledBatch, Scheduler, SchedulerConfig
+from scheduler.scheduler import (
+    QueueFullError,
+    RequestTooLongError,
+    ScheduledBatch,
+    Scheduler,
+    SchedulerConfig,
+)
 from scheduler.sequence import Sequence, SequenceStatus
 
 __all__ = [
     "BlockManager",
+    "QueueFullError",
     "RequestTooLongError",
     "ScheduledBatch",
     "Scheduler",

@@ -22,6 +22,10 @@ class RequestTooLongError(ValueError):
     """A request that could never be scheduled; rejected at admission instead of hanging."""
 
 
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its bound; the request may succeed later (HTTP 429)."""
+
+
 @dataclass
 class ScheduledBatch:
     """One step's work, decodes first: `seqs[i]` feeds `num_tokens[i]` tokens."""
@@ -46,9 +50,19 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
     max_model_len: int = 8192
+    # Admission bounds: beyond them a new request is refused rather than queued.
+    max_waiting_seqs: int = 1024
+    max_queued_prompt_tokens: int = 262_144
 
     def __post_init__(self) -> None:
-        if min(self.max_num_batched_tokens, self.max_num_seqs, self.max_model_len) <= 0:
+        limits = (
+            self.max_num_batched_tokens,
+            self.max_num_seqs,
+            self.max_model_len,
+            self.max_waiting_seqs,
+            self.max_queued_prompt_tokens,
+        )
+        if min(limits) <= 0:
             raise ValueError(f"scheduler limits must be positive: {self}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             # Otherwise a full batch of decodes would not fit one step and the newest would starve.
@@ -97,8 +111,29 @@ class Scheduler:
                 f"the KV cache ({bm.num_blocks * bm.block_size} tokens)"
             )
 
+    @property
+    def num_queued_tokens(self) -> int:
+        """Tokens the waiting sequences still have to prefill."""
+        return sum(seq.num_tokens - seq.num_computed_tokens for seq in self.waiting)
+
+    def check_admission(self, num_prompt_tokens: int) -> None:
+        """Raise `QueueFullError` if queueing one more prompt would pass the waiting bounds."""
+        if len(self.waiting) >= self.config.max_waiting_seqs:
+            raise QueueFullError(
+                f"{len(self.waiting)} requests are already waiting "
+                f"(max_waiting_seqs={self.config.max_waiting_seqs}); retry later"
+            )
+        queued = self.num_queued_tokens
+        if self.waiting and queued + num_prompt_tokens > self.config.max_queued_prompt_tokens:
+            raise QueueFullError(
+                f"{queued} prompt tokens are already waiting; {num_prompt_tokens} more would pass "
+                f"max_queued_prompt_tokens={self.config.max_queued_prompt_tokens}; retry later"
+            )
+
     def add(self, seq: Sequence) -> None:
+        """Queue a new sequence; raises `RequestTooLongError` or `QueueFullError`."""
         self.check_fits(seq.num_prompt_tokens, seq.max_tokens)
+        self.check_admission(seq.num_prompt_tokens)
         self.waiting.append(seq)
 
     def add_forked(self, parent: Sequence, child: Sequence) -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Read by the API-key tests' ingress; Ray's workers inherit the environment of `ray.init`.
+TEST_API_KEY = os.environ.setdefault("CONTINUUM_TEST_API_KEY", "test-key-0123456789abcdef")
 
 
 @pytest.fixture(scope="session")

@@ -7,10 +7,13 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from scheduler import (
     BlockManager,
+    QueueFullError,
     RequestTooLongError,
+    ScheduledBatch,
     Scheduler,
     SchedulerConfig,
     Sequence,
@@ -149,3 +152,108 @@ def test_request_larger_than_the_cache_is_rejected():
 def test_config_rejects_budget_below_max_seqs():
     with pytest.raises(ValueError, match="at least"):
         SchedulerConfig(max_num_batched_tokens=4, max_num_seqs=8)
+
+
+def test_admission_bounds_refuse_new_requests_but_not_running_ones():
+    bm = BlockManager(64, 4)
+    sched = Scheduler(
+        SchedulerConfig(32, 8, 256, max_waiting_seqs=2, max_queued_prompt_tokens=50), bm
+    )
+    sched.add(Sequence("a", [1] * 30, 4))
+    with pytest.raises(QueueFullError, match="max_queued_prompt_tokens"):
+        sched.add(Sequence("b", [1] * 30, 4))
+    sched.add(Sequence("c", [1] * 10, 4))
+    with pytest.raises(QueueFullError, match="max_waiting_seqs"):
+        sched.add(Sequence("d", [1] * 1, 4))
+    assert [s.seq_id for s in sched.waiting] == ["a", "c"], "a refused request must not be queued"
+    fake_step(sched, random.Random(0))  # both start: the queue has room again
+    sched.add(Sequence("d", [1] * 40, 4))
+    assert sched.num_waiting == 1
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    """Random add / step / abort / forced preemption against the invariants of the scheduler and
+    its block manager: limits per step, every block free, cached or owned by the sequences
+    that hold it, and nothing left behind once all requests are gone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sched = make_scheduler(num_blocks=24, block_size=4, budget=16, max_seqs=4, max_len=64)
+        self.sched.config = SchedulerConfig(16, 4, 64, max_waiting_seqs=6)
+        self.live: list[Sequence] = []
+        self.rng = random.Random(0)
+        self.count = 0
+
+    @rule(prompt=st.integers(1, 40), output=st.integers(1, 20), shared=st.booleans())
+    def add(self, prompt, output, shared):
+        self.count += 1
+        tokens = ([7] * 8 if shared else []) + [self.rng.randint(1, 9) for _ in range(prompt)]
+        seq = Sequence(f"s{self.count}", tokens, output)
+        try:
+            self.sched.add(seq)
+        except RequestTooLongError:
+            assert (
+                seq.num_tokens + output > 64
+                or self.sched.block_manager.blocks_for_tokens(seq.num_tokens + output) > 24
+            )
+        except QueueFullError:
+            assert self.sched.num_waiting >= 6
+        else:
+            self.live.append(seq)
+
+    @precondition(lambda self: self.live)
+    @rule()
+    def step(self):
+        decoding = [s for s in self.sched.running if s.num_uncomputed_tokens == 1]
+        batch = fake_step(self.sched, self.rng)
+        assert batch.total_tokens <= 16 and len(batch.seqs) <= 4, "a step passed its limits"
+        assert len(set(batch.seqs)) == len(batch.seqs), "a sequence was scheduled twice"
+        assert all(n == 1 for n in batch.num_tokens[: batch.num_decodes])
+        for seq in decoding[:4]:
+            assert seq in batch.seqs or seq in batch.preempted, f"decode of {seq.seq_id} starved"
+        self.live = [s for s in self.live if not s.is_finished]
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def abort(self, data):
+        seq = data.draw(st.sampled_from(self.live))
+        self.sched.finish(seq, SequenceStatus.FINISHED_ABORTED)
+        self.live.remove(seq)
+        assert not seq.block_table, "an aborted sequence kept its blocks"
+
+    @precondition(lambda self: len(self.sched.running) > 1)
+    @rule()
+    def preempt_newest(self):
+        victim = self.sched.running[-1]
+        self.sched._preempt(victim, ScheduledBatch())
+        assert victim.status is SequenceStatus.WAITING and not victim.block_table
+
+    @invariant()
+    def blocks_are_free_cached_or_owned(self):
+        bm = self.sched.block_manager
+        owners: dict[int, int] = {}
+        for seq in self.sched.running:
+            for block in seq.block_table:
+                owners[block] = owners.get(block, 0) + 1
+        for seq in self.sched.waiting:
+            assert not seq.block_table, "a waiting sequence holds blocks"
+        for block in range(bm.num_blocks):
+            assert bm.ref_counts[block] == owners.get(block, 0), f"block {block} miscounted"
+        assert bm.num_free_blocks == bm.num_blocks - len(owners)
+
+    @invariant()
+    def every_live_sequence_is_queued_once(self):
+        queued = list(self.sched.waiting) + self.sched.running
+        assert len(queued) == len(set(queued)) == len(self.live)
+
+    def teardown(self):
+        for seq in list(self.live):
+            self.sched.finish(seq, SequenceStatus.FINISHED_ABORTED)
+        bm = self.sched.block_manager
+        assert bm.num_free_blocks == bm.num_blocks, "blocks leaked after every request ended"
+
+
+SchedulerMachine.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None
+)
+test_scheduler_state_machine = SchedulerMachine.TestCase
