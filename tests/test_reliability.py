@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import signal
 import time
 
 import httpx
@@ -61,7 +63,11 @@ def soak(serve_instance, tiny_dir) -> str:
     args = {
         "served_model_name": "tiny",
         "engine": {"model": str(tiny_dir), **ENGINE},
-        "replicas": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 1}},
+        "replicas": {
+            "num_replicas": 2,
+            "ray_actor_options": {"num_cpus": 1},
+            "health_check_period_s": 1,
+        },
         "router": {"stats_period_s": 0.2},
     }
     return deploy(serve_instance, "soak", args)
@@ -380,6 +386,44 @@ def test_soak_with_cancellations_leaves_every_block_free(soak):
     assert outcomes.count("cancelled") >= 100, f"only {outcomes.count('cancelled')} cancelled"
     assert len(outcomes) == 1000
     wait_for(lambda: idle_replicas("soak", 2), timeout=60)
+
+
+def engine_processes(app: str) -> dict[int, int]:
+    """Engine process id -> its replica actor's process id, for the replicas of `app`."""
+
+    def cmdline(pid: int | str) -> str:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if "replicas.engine_core" not in cmdline(pid):
+                continue
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            if f"ServeReplica:{app}:LLMServer" in cmdline(parent):
+                found[int(pid)] = parent
+        except OSError:  # the process ended while we looked
+            continue
+    return found
+
+
+def test_a_dead_engine_process_fails_health_and_serve_replaces_the_replica(soak):
+    engines = engine_processes("soak")
+    assert len(engines) == 2, engines
+    before = {s["replica"] for s in replica_stats("soak")}
+    os.kill(next(iter(engines)), signal.SIGKILL)
+    # check_health fails from now on; Serve stops the replica and starts another.
+    wait_for(lambda: len({s["replica"] for s in replica_stats("soak")} - before) == 1, 120)
+    wait_for(lambda: idle_replicas("soak", 2), timeout=120)
+    for i in range(10):
+        response = httpx.post(
+            f"{soak}/v1/completions",
+            json={"model": "tiny", "prompt": f"after {i}", "max_tokens": 3},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
 
 
 def test_killing_a_replica_under_load_fails_its_requests_then_serves_again(soak):
