@@ -29,7 +29,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
-from cluster.config import AppConfig
+from cluster.config import AppConfig, LimitsConfig
 from cluster.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -162,12 +162,12 @@ class InternalErrorMiddleware:
 class Guard:
     """What every request is checked against before routing: the API key and the body size."""
 
-    api_key: bytes | None = None
-    max_body_bytes: int = 4 * 1024 * 1024
+    api_key: bytes | None
+    max_body_bytes: int
 
 
 # Serve runs one ingress replica per process; it sets this through `configure_guard`.
-guard = Guard()
+guard = Guard(api_key=None, max_body_bytes=LimitsConfig().max_body_bytes)
 
 
 def configure_guard(api_key: str | None, max_body_bytes: int) -> None:
@@ -386,7 +386,7 @@ class OpenAIIngress:
         request_id = f"cmpl-{request_id_of(raw)}"
         prompts = body.prompts()
         token_prompts = [self.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
-        max_tokens = await self.max_tokens(body.max_tokens, token_prompts, "prompt")
+        max_tokens = await self.apply_limits(body.max_tokens, token_prompts, "prompt")
         params = body.sampling_params(max_tokens, body.logprobs)
         echoes = [
             (p if isinstance(p, str) else self.tokenizer.decode(p)) if body.echo else ""
@@ -417,7 +417,7 @@ class OpenAIIngress:
             prompt = render_chat(self.tokenizer, [m.as_template_message() for m in body.messages])
         except Exception as exc:
             raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
-        max_tokens = await self.max_tokens(body.requested_max_tokens, [prompt], "messages")
+        max_tokens = await self.apply_limits(body.requested_max_tokens, [prompt], "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = body.sampling_params(max_tokens, logprobs)
         request_id = f"chatcmpl-{request_id_of(raw)}"
@@ -450,20 +450,22 @@ class OpenAIIngress:
             try:
                 requested = float(header)
             except ValueError:
-                requested = math.nan
-            if not (requested > 0 and math.isfinite(requested)):
+                requested = 0.0
+            if not 0 < requested < math.inf:  # NaN fails too
                 raise APIError(
                     400, "X-Request-Timeout must be a positive number of seconds", param="header"
                 )
             timeout = min(timeout, requested)
         return asyncio.get_running_loop().time() + timeout
 
-    async def max_tokens(
+    async def apply_limits(
         self, requested: int | None, prompts: list[list[int]], param: str
     ) -> int | None:
-        """Apply the prompt-length and max_tokens limits; the cap is also the default."""
+        """Check the prompt-length and max_tokens limits; returns the max_tokens to use (the
+        cap is also the default)."""
+        longest = max(len(p) for p in prompts)
         limit = self.limits.max_prompt_tokens
-        if limit is not None and (longest := max(len(p) for p in prompts)) > limit:
+        if limit is not None and longest > limit:
             raise APIError(
                 400,
                 f"the prompt has {longest} tokens; this server accepts at most {limit}",
@@ -473,13 +475,13 @@ class OpenAIIngress:
         cap = self.limits.max_tokens
         if cap is None:
             return requested
-        if requested is not None and requested > cap:
+        if requested is None:
+            room = (await self.model_info())["max_model_len"] - longest
+            return max(1, min(cap, room))
+        if requested > cap:
             raise APIError(
                 400, f"max_tokens is at most {cap} here", param="max_tokens", code="invalid_value"
             )
-        if requested is None:
-            room = (await self.model_info())["max_model_len"] - max(len(p) for p in prompts)
-            return max(1, min(cap, room))
         return requested
 
     async def start(
@@ -488,12 +490,9 @@ class OpenAIIngress:
         """Send a request to a replica and wait for its first output, so that a request the
         engine refuses becomes a 4xx before any response is sent. Past `deadline`, the request
         is cancelled (its blocks freed) and the client gets a 408."""
-        try:
-            response: DeploymentResponseGenerator = self.llm.options(stream=True).generate.remote(
-                GenerateRequest(request_id, prompt, params)
-            )
-        except BackPressureError as exc:  # the queue for replicas is full
-            raise classify_engine_error(exc) from exc
+        response: DeploymentResponseGenerator = self.llm.options(stream=True).generate.remote(
+            GenerateRequest(request_id, prompt, params)
+        )
         try:
             async with asyncio.timeout_at(deadline):
                 first = await response.__anext__()

@@ -83,23 +83,12 @@ class AsyncLLMEngine:
             await asyncio.wrap_future(added)
             last_sent = None
             while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.error is not None:
-                    finished = True  # the engine has dropped it already
-                    raise EngineStepError(item.error)
+                item = _output_or_raise(await stream.queue.get())
                 if self.stream_interval_s and last_sent is not None and not item.finished:
                     # At most one message per interval: fewer hops through Serve under load.
                     await asyncio.sleep(last_sent + self.stream_interval_s - stream.loop.time())
                     while not stream.queue.empty():
-                        more = stream.queue.get_nowait()
-                        if isinstance(more, BaseException):
-                            raise more
-                        if more.error is not None:
-                            finished = True
-                            raise EngineStepError(more.error)
-                        item = merge_deltas(item, more)
+                        item = merge_deltas(item, _output_or_raise(stream.queue.get_nowait()))
                 finished = item.finished
                 yield item
                 last_sent = stream.loop.time()
@@ -206,6 +195,15 @@ class AsyncLLMEngine:
         for stream in list(self._streams.values()):
             with contextlib.suppress(RuntimeError):  # that caller's loop is already closed
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+
+
+def _output_or_raise(item: RequestOutput | BaseException) -> RequestOutput:
+    """A stream item as an output; the engine's death or a failed step as an exception."""
+    if isinstance(item, BaseException):
+        raise item
+    if item.error is not None:
+        raise EngineStepError(item.error)
+    return item
 
 
 def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:

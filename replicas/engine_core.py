@@ -61,12 +61,12 @@ def serve_engine(conn: Connection) -> None:
             command, *args = conn.recv()
             if command == "add":
                 request_id, prompt, params = args
+                error = None
                 try:
                     engine.add_request(request_id, prompt, params)
-                except Exception as exc:
-                    conn.send(("added", request_id, exc, engine_load(engine)))
-                else:
-                    conn.send(("added", request_id, None, engine_load(engine)))
+                except Exception as exc:  # refused (too long, queue full): the caller's error
+                    error = exc
+                conn.send(("added", request_id, error, engine_load(engine)))
             elif command == "abort":
                 engine.abort_request(args[0])
                 conn.send(("load", engine_load(engine), sink.drain()))

@@ -33,12 +33,9 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     )
 
 
-def pack_linear_weights(model: nn.Module) -> int:
-    """Replace every `nn.Linear` of `model` by a `PackedLinear`; returns how many."""
-    replaced = 0
+def pack_linear_weights(model: nn.Module) -> None:
+    """Replace every `nn.Linear` of `model` by a `PackedLinear`."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
                 setattr(module, name, PackedLinear(child))
-                replaced += 1
-    return replaced

@@ -137,11 +137,9 @@ SMOL_CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def smol_reference(smol_dir):
-    model = AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(smol_dir)
-    prompts = [
+def chat_prompts(tokenizer) -> list[list[int]]:
+    """QUESTIONS as token ids through the model's chat template, as `LLM.chat` renders them."""
+    return [
         list(
             tokenizer.apply_chat_template(
                 [{"role": "user", "content": q}],
@@ -152,6 +150,13 @@ def smol_reference(smol_dir):
         )
         for q in QUESTIONS
     ]
+
+
+@pytest.fixture(scope="module")
+def smol_reference(smol_dir):
+    model = AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(smol_dir)
+    prompts = chat_prompts(tokenizer)
     return prompts, [hf_greedy(model, p, m) for p, m in zip(prompts, MAX_TOKENS, strict=True)]
 
 
@@ -191,17 +196,7 @@ def test_smollm2_bf16_greedy_mostly_matches_hf_bf16(smol_dir):
     first 4 tokens, and on average on at least half of its tokens before they part."""
     model = AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.bfloat16).eval()
     tokenizer = AutoTokenizer.from_pretrained(smol_dir)
-    prompts = [
-        list(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": q}],
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=False,
-            )
-        )
-        for q in QUESTIONS
-    ]
+    prompts = chat_prompts(tokenizer)
     expected = [hf_greedy(model, p, m) for p, m in zip(prompts, MAX_TOKENS, strict=True)]
     llm = LLM(dtype="bfloat16", max_num_batched_tokens=64, max_num_seqs=8)
     outputs = llm.generate(

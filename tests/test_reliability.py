@@ -92,6 +92,17 @@ def assert_openai_error(response: httpx.Response, status: int | tuple[int, ...])
     return error
 
 
+def assert_serves(base: str, count: int = 10) -> None:
+    """`count` requests in a row all succeed."""
+    for i in range(count):
+        response = httpx.post(
+            f"{base}/v1/completions",
+            json={"model": "tiny", "prompt": f"request {i}", "max_tokens": 3},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+
+
 def chat(content: str = "hi", **fields) -> dict:
     return {"model": "tiny", "messages": [{"role": "user", "content": content}], **fields}
 
@@ -417,13 +428,7 @@ def test_a_dead_engine_process_fails_health_and_serve_replaces_the_replica(soak)
     # check_health fails from now on; Serve stops the replica and starts another.
     wait_for(lambda: len({s["replica"] for s in replica_stats("soak")} - before) == 1, 120)
     wait_for(lambda: idle_replicas("soak", 2), timeout=120)
-    for i in range(10):
-        response = httpx.post(
-            f"{soak}/v1/completions",
-            json={"model": "tiny", "prompt": f"after {i}", "max_tokens": 3},
-            timeout=60,
-        )
-        assert response.status_code == 200, response.text
+    assert_serves(soak)
 
 
 def test_killing_a_replica_under_load_fails_its_requests_then_serves_again(soak):
@@ -466,10 +471,4 @@ def test_killing_a_replica_under_load_fails_its_requests_then_serves_again(soak)
     outcomes = asyncio.run(run())
     assert "failed" in outcomes, f"no in-flight request saw the replica die: {outcomes}"
     wait_for(lambda: idle_replicas("soak", 2), timeout=180)
-    for i in range(10):
-        response = httpx.post(
-            f"{soak}/v1/completions",
-            json={"model": "tiny", "prompt": f"after {i}", "max_tokens": 3},
-            timeout=60,
-        )
-        assert response.status_code == 200, response.text
+    assert_serves(soak)
