@@ -15,6 +15,7 @@ from cluster.config import AppConfig
 from cluster.router import KVAwareRequestRouter
 from replicas.deployment import LLMDeployment
 
+INGRESS_EXTRA_GRACE_S = 10.0
 IngressDeployment = serve.deployment(
     name="OpenAIIngress", max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0}
 )(OpenAIIngress)
@@ -34,4 +35,10 @@ def build_app(args: dict | None = None) -> Application:
     llm = LLMDeployment.options(
         request_router_config=router, **config.replicas.deployment_options()
     ).bind(config.engine.model_dump(mode="json"))
-    return IngressDeployment.bind(llm, config.model_dump(mode="json"))
+    # The ingress outlives the engine replicas' grace, to end what they could not finish with
+    # an error event and [DONE] rather than a cut connection.
+    ingress = IngressDeployment.options(
+        graceful_shutdown_timeout_s=config.replicas.graceful_shutdown_timeout_s
+        + INGRESS_EXTRA_GRACE_S
+    )
+    return ingress.bind(llm, config.model_dump(mode="json"))

@@ -110,6 +110,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if model is None:
         models = httpx.get(f"{base_url}/v1/models", timeout=30, headers=auth_headers())
         model = models.json()["data"][0]["id"]
+    if args.capacity:
+        return bench_capacity(args, base_url, model)
     workload = make_workload(
         default_tokenizer(args),
         args.workload,
@@ -135,18 +137,42 @@ def cmd_bench(args: argparse.Namespace) -> None:
     write_report(report, args.output)
 
 
+def bench_capacity(args: argparse.Namespace, base_url: str, model: str) -> None:
+    from cluster.bench_capacity import run_capacity
+
+    results = run_capacity(
+        base_url,
+        model,
+        args.capacity,
+        args.prompt_len[0],
+        args.output_len[1],
+        args.warmup,
+        args.duration,
+    )
+    report = {
+        "label": args.label or "capacity",
+        "url": base_url,
+        "model": model,
+        "prompt_tokens": args.prompt_len[0],
+        "output_tokens": args.output_len[1],
+        "results": results,
+    }
+    write_report(report, args.output)
+
+
 def bench_offline(args: argparse.Namespace, seed: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
     from cluster.bench_offline import profile_engine, run_engine, run_hf_static
     from cluster.workloads import make_workload
-    from replicas import LLMEngine
+    from replicas import LLM
     from replicas.model_loader import resolve_dtype, resolve_model_source
 
     torch.set_num_threads(args.threads)
     config = engine_config_from_args(args, dtype="bfloat16", num_threads=args.threads)
-    engine = LLMEngine(config)
+    llm = LLM(**config.model_dump())
+    engine = llm.engine
     workload = make_workload(
         engine.tokenizer,
         args.workload,
@@ -155,7 +181,7 @@ def bench_offline(args: argparse.Namespace, seed: int) -> None:
         tuple(args.output_len),
         seed,
     )
-    results = [run_engine(engine, workload)]
+    results = [run_engine(llm, workload)]
     if not args.skip_baseline:
         model = AutoModelForCausalLM.from_pretrained(
             resolve_model_source(config),
@@ -177,7 +203,7 @@ def bench_offline(args: argparse.Namespace, seed: int) -> None:
     if len(results) == 2:
         report["speedup"] = round(results[0].tokens_per_second / results[1].tokens_per_second, 2)
     if args.profile:
-        report["profile_percent_of_wall_time"] = profile_engine(engine, workload)
+        report["profile_percent_of_wall_time"] = profile_engine(llm, workload)
     write_report(report, args.output)
 
 
@@ -188,49 +214,10 @@ def cmd_plot(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}")
 
 
-def prepare_once(engine: EngineConfig) -> None:
-    """On the first run, convert the GGUF and build the CPU kernel here, once, rather than in
-    every replica at the same time. Later runs only check that the conversion exists."""
-    from replicas.model_source import converted_dir, gguf_file
-
-    gguf = gguf_file(engine)
-    if gguf is None or (converted_dir(gguf, engine.model_cache_dir) / "config.json").is_file():
-        return
-    print(f"first run: converting {gguf.name} and building the CPU attention kernel (once)")
-    from replicas.kernels import load_cpu_kernels
-    from replicas.model_loader import resolve_model_source
-
-    resolve_model_source(engine)
-    if engine.native_kernels and engine.device != "cuda":
-        load_cpu_kernels()
-
-
 def cmd_serve(args: argparse.Namespace) -> None:
-    """Validate the config, then run it exactly as `serve run <config>` does."""
-    import signal
+    from cluster.local_server import serve_config
 
-    import yaml
-    from ray.serve.schema import ServeDeploySchema
-    from ray.serve.scripts import run as serve_run
-
-    from cluster.config import AppConfig
-
-    path = Path(args.config)
-    if not path.is_file():
-        raise SystemExit(f"no such config file: {path}")
-    deploy = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
-    for application in deploy.applications:
-        prepare_once(AppConfig.model_validate(application.args).engine)
-
-    def interrupt(*_):
-        raise KeyboardInterrupt
-
-    # Shut Serve and the local Ray down cleanly on either signal (a shell's background jobs start
-    # with SIGINT ignored, so it is set explicitly too).
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGINT, interrupt)
-    options = ["--address", args.address] if args.address else []
-    serve_run.main([str(path), *options], standalone_mode=False)
+    serve_config(Path(args.config), args.address, args.set or [])
 
 
 def cmd_status(args: argparse.Namespace) -> None:
@@ -238,14 +225,22 @@ def cmd_status(args: argparse.Namespace) -> None:
 
     from cluster.status import replica_stats
 
-    ray.init(address=args.address or "auto", namespace="serve", log_to_driver=False)
+    try:
+        ray.init(address=args.address or "auto", namespace="serve", log_to_driver=False)
+    except ConnectionError:
+        where = args.address or "this machine"
+        raise SystemExit(
+            f"no Ray cluster is running on {where}: start a server first (`make serve`), or "
+            "pass --address"
+        ) from None
     print(json.dumps(replica_stats(args.app), indent=2))
 
 
 def cmd_k8s(args: argparse.Namespace) -> None:
-    from cluster.k8s import write_rayservice
+    from cluster.k8s import write_manifests
 
-    print(f"wrote {write_rayservice()}")
+    for path in write_manifests():
+        print(f"wrote {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,7 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="run the Ray Serve application (starts Ray if needed)"
     )
     serve.add_argument("--config", default="configs/local-cpu.yaml", help="a Serve config file")
-    serve.add_argument("--address", help="Ray cluster address (default: local, started if needed)")
+    serve.add_argument("--address", help="Ray cluster address (default: a new local one)")
+    serve.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override an application setting, e.g. engine.synthetic.tokens_per_second=10000",
+    )
     serve.set_defaults(func=cmd_serve)
 
     status = commands.add_parser("status", help="show engine replicas and their routing stats")
@@ -292,6 +293,17 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--concurrency", type=int, help="requests in flight at once")
     load.add_argument("--request-rate", type=float, help="Poisson arrivals, requests per second")
     bench.add_argument("--goodput", nargs="+", metavar="SLO", help="e.g. ttft:500 tpot:50 (ms)")
+    bench.add_argument(
+        "--capacity",
+        type=int,
+        nargs="+",
+        metavar="STREAMS",
+        help="serving-path capacity at these numbers of concurrent streams: delivered tokens/s "
+        "and CPU per token of each server process (server on this machine; prompts of "
+        "--prompt-len MIN tokens, outputs of --output-len MAX)",
+    )
+    bench.add_argument("--duration", type=float, default=20, help="capacity: seconds measured")
+    bench.add_argument("--warmup", type=float, default=5, help="capacity: seconds before that")
     bench.add_argument("--served-model", help="model name to request (default: the server's first)")
     bench.add_argument("--label", help="a name for this run in reports and plots")
     bench.add_argument("--threads", type=int, default=2, help="torch threads (offline)")
@@ -304,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_arguments(bench)
     bench.set_defaults(func=cmd_bench)
 
-    k8s = commands.add_parser("k8s", help="render k8s/rayservice.yaml from configs/gpu.yaml")
+    k8s = commands.add_parser(
+        "k8s", help="render k8s/ (the RayService and the Grafana dashboard) from their sources"
+    )
     k8s.set_defaults(func=cmd_k8s)
 
     plot = commands.add_parser("plot", help="plot benchmark result files")

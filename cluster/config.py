@@ -46,6 +46,11 @@ class ReplicaConfig(BaseModel):
     ray_actor_options: dict[str, Any] = Field(default_factory=dict)
     health_check_period_s: Annotated[float, Field(gt=0)] = 5.0
     health_check_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    graceful_shutdown_timeout_s: Annotated[float, Field(ge=0)] = Field(
+        30.0,
+        description="On shutdown or downscale, how long a replica keeps serving the requests "
+        "it holds before it is stopped (those still running then end with an error event).",
+    )
 
     @model_validator(mode="after")
     def _replicas_or_autoscaling(self) -> ReplicaConfig:

@@ -1,22 +1,50 @@
-"""OpenAI-compatible request and response schemas.
+"""OpenAI-compatible request schemas (responses: cluster/responses.py).
 
-Requests are strict: an unknown field, or a known one we cannot honour (tools, a non-text
-response_format, suffix, ...), is a 400 with OpenAI's error body, never silently ignored. Beyond
-OpenAI's fields, the sampling extras vLLM users know are accepted (top_k, min_p, ...).
+Requests are strict: an unknown field, or a known one we cannot honour (a non-text
+response_format, suffix, ...), is a 400 with OpenAI's error body, never silently ignored. Fields
+that change nothing about the answer are accepted, documented here and logged at debug level
+(`ACCEPTED_WITHOUT_EFFECT`). Beyond OpenAI's fields, the sampling extras vLLM users know are
+accepted (top_k, min_p, ...). Every bound comes from `replicas.sampling_params`.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
-from replicas.sampling_params import MAX_LOGPROBS, SamplingParams
+from replicas.sampling_params import (
+    LogitBias,
+    MaxTokens,
+    MinP,
+    MinTokens,
+    NumChoices,
+    NumLogprobs,
+    Penalty,
+    RepetitionPenalty,
+    SamplingParams,
+    Seed,
+    StopStrings,
+    Temperature,
+    TokenId,
+    TopK,
+    TopP,
+)
 
-MAX_STOP_SEQUENCES = 16
-MAX_STOP_LENGTH = 512  # characters per stop sequence
 MAX_PROMPTS = 64  # prompts in one completions request
+# Where a stream reports usage: nowhere, in a last chunk, or in every chunk (and the last).
+UsageMode = Literal["none", "final", "every_chunk"]
+# Fields clients send that change nothing about generation here: accepted, logged at debug.
+#  user: an end-user id for the caller's abuse monitoring; store/metadata: OpenAI's stored
+#  completions (nothing is stored here); service_tier: OpenAI's processing tiers (one tier here);
+#  parallel_tool_calls: only meaningful with tools.
+ACCEPTED_WITHOUT_EFFECT = ("user", "store", "metadata", "service_tier", "parallel_tool_calls")
 
 
 def _encodable(value: Any) -> bool:
@@ -33,20 +61,16 @@ def _encodable(value: Any) -> bool:
     return True
 
 
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+    # vLLM's extension: usage so far in every chunk (needs include_usage).
+    continuous_usage_stats: bool = False
+
+    def usage_mode(self) -> UsageMode:
+        if not self.include_usage:
+            return "none"
+        return "every_chunk" if self.continuous_usage_stats else "final"
 
 
 class SamplingFields(BaseModel):
@@ -55,38 +79,29 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    n: Annotated[int, Field(ge=1, le=128)] = 1
-    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    seed: int | None = None
-    stop: str | list[str] | None = Field(None, validate_default=True)
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    n: NumChoices = 1
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    seed: Seed | None = None
+    stop: StopStrings = Field(default_factory=list)
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    logit_bias: dict[str, LogitBias] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None  # an end-user id for the caller's records; not used
+    user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
     # vLLM extras
-    top_k: Annotated[int, Field(ge=0)] = 0
-    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
-    repetition_penalty: Annotated[float, Field(gt=0, le=10)] = 1.0
-    min_tokens: Annotated[int, Field(ge=0)] = 0
+    top_k: TopK = 0
+    min_p: MinP = 0.0
+    repetition_penalty: RepetitionPenalty = 1.0
+    min_tokens: MinTokens = 0
     ignore_eos: bool = False
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, value: str | list[str] | None) -> list[str]:
-        stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must not be empty")
-        if any(len(s) > MAX_STOP_LENGTH for s in stops):
-            raise ValueError(f"stop sequences are at most {MAX_STOP_LENGTH} characters")
-        return stops
 
     @model_validator(mode="before")
     @classmethod
@@ -95,6 +110,10 @@ class SamplingFields(BaseModel):
         if not _encodable(data):
             raise ValueError("strings must be valid Unicode (found a lone surrogate)")
         return data
+
+    def ignored_fields(self) -> list[str]:
+        """Fields the client set that change nothing here (for a debug log line)."""
+        return [f for f in ACCEPTED_WITHOUT_EFFECT if getattr(self, f, None) is not None]
 
     @field_validator("logit_bias")
     @classmethod
@@ -109,6 +128,9 @@ class SamplingFields(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream: true")
         return self
+
+    def usage_mode(self) -> UsageMode:
+        return "none" if self.stream_options is None else self.stream_options.usage_mode()
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         return SamplingParams(
@@ -138,8 +160,8 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
-    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    max_tokens: MaxTokens | None = 16
+    logprobs: NumLogprobs | None = None
     echo: bool = False
     best_of: Annotated[int, Field(ge=1)] | None = None
     suffix: None = Field(
@@ -173,41 +195,6 @@ class CompletionRequest(SamplingFields):
         return list(prompt)
 
 
-class CompletionLogprobs(BaseModel):
-    tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float | None] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
-    text_offset: list[int] = Field(default_factory=list)
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
-    stop_reason: int | str | None = None
-
-
-class PromptTokensDetails(BaseModel):
-    cached_tokens: int = 0
-
-
-class Usage(BaseModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    prompt_tokens_details: PromptTokensDetails | None = None
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-
-
 # --- chat completions --------------------------------------------------------------------------
 
 
@@ -217,19 +204,38 @@ class TextContentPart(BaseModel):
     text: str
 
 
+def _text_parts_only(parts: object) -> object:
+    """Content parts other than text (images, audio, files) are refused with what was sent."""
+    if isinstance(parts, list):
+        for i, part in enumerate(parts):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                raise ValueError(
+                    f"content[{i}] is of type {kind!r}: this model reads text only; send the "
+                    "content as a string or as parts of type 'text'"
+                )
+    return parts
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextContentPart]
+    # Reaches the chat template, which may render it (e.g. to tell speakers apart).
     name: str | None = None
+
+    _text_only = field_validator("content", mode="before")(_text_parts_only)
 
     def as_template_message(self) -> dict[str, str]:
         """The shape chat templates expect; `developer` is OpenAI's newer name for `system`."""
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+        message = {"role": "system" if self.role == "developer" else self.role, "content": content}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
 
 
 class ResponseFormat(BaseModel):
@@ -239,11 +245,13 @@ class ResponseFormat(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    top_logprobs: NumLogprobs | None = None
     response_format: ResponseFormat | None = None
+    # Passed to the chat template: templates of reasoning models read it, others ignore it.
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
     # Accepted only when they ask for nothing: tools are not supported.
     tools: None = None
     tool_choice: Literal["none"] | None = None
@@ -259,77 +267,6 @@ class ChatCompletionRequest(SamplingFields):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-
-class ChatTopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int]
-
-
-class ChatTokenLogprob(ChatTopLogprob):
-    top_logprobs: list[ChatTopLogprob] = Field(default_factory=list)
-
-
-class ChatLogprobs(BaseModel):
-    content: list[ChatTokenLogprob] = Field(default_factory=list)
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
-    stop_reason: int | str | None = None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatStreamChoice(BaseModel):
-    index: int
-    delta: DeltaMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
-    stop_reason: int | str | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatStreamChoice]
-    usage: Usage | None = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    owned_by: str = "continuum"
-    max_model_len: int | None = None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-def dump(model: BaseModel) -> dict[str, Any]:
-    return model.model_dump(exclude_none=True)
+    def template_kwargs(self) -> dict[str, str]:
+        """Extra variables for the chat template."""
+        return {} if self.reasoning_effort is None else {"reasoning_effort": self.reasoning_effort}

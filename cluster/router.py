@@ -1,9 +1,14 @@
 """Serve's request router for engine replicas: shortest queue and most free KV blocks first.
 
-Serve calls `choose_replicas` for each request with the live replicas (dead ones are already
-gone); we return them ranked by the pure policy in `scheduler.routing`, one per rank, and Serve
-sends the request to the first that accepts it (queue below `max_ongoing_requests`). When every
-replica refuses, the request backs off instead of retrying in a tight loop.
+Serve calls `choose_replicas` for each request with the live replicas; we return them ranked by
+the pure policy in `scheduler.routing`, one per rank, and Serve sends the request to the first
+that accepts it (queue below `max_ongoing_requests`). When every replica refuses, the request
+backs off instead of retrying in a tight loop.
+
+A replica whose engine died is dropped at the first sign of it (its own report, or a request
+that failed on it: `report_dead_engine`), not at Serve's next health check; it ranks last
+until Serve replaces it. The ingress in the same process reads that view for /health
+(cluster/replica_health.py).
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ import random
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
+from cluster import replica_health
 from replicas.deployment import GenerateRequest
+from replicas.messages import ReplicaStats
 from replicas.metrics import RaySink
 from scheduler.routing import ReplicaLoad, RoutingWeights, rank_replicas
 
@@ -31,19 +38,32 @@ class KVAwareRequestRouter(FIFOMixin, RequestRouter):
         self.weights = RoutingWeights(queue=queue_weight, kv_cache=kv_cache_weight)
         self.rng = random.Random()
         self.metrics = RaySink(["continuum_router_decisions"])
+        self.dead_replicas: set[str] = set()
+        replica_health.register(self)
+
+    def is_serving(self, replica: RunningReplica) -> bool:
+        if replica.replica_id.unique_id in self.dead_replicas:
+            return False
+        stats = ReplicaStats.from_dict(replica.routing_stats)
+        return stats is None or stats.engine_alive
+
+    def num_serving(self) -> int:
+        live = {r.replica_id.unique_id for r in self.curr_replicas.values()}
+        self.dead_replicas &= live  # replaced replicas never come back
+        return sum(self.is_serving(r) for r in self.curr_replicas.values())
 
     def replica_load(self, replica: RunningReplica) -> ReplicaLoad:
-        stats = replica.routing_stats or {}
+        stats = ReplicaStats.from_dict(replica.routing_stats)
         queue_len = self.replica_queue_len_cache.get(replica.replica_id)
         if queue_len is None:  # not yet probed: the replica's own last report
-            queue_len = stats.get("num_waiting", 0) + stats.get("num_running", 0)
+            queue_len = 0 if stats is None else stats.num_waiting + stats.num_running
         return ReplicaLoad(
             replica_id=replica.replica_id.unique_id,
             queue_len=queue_len,
             max_queue_len=replica.max_ongoing_requests,
-            free_blocks=stats.get("free_blocks"),
-            total_blocks=stats.get("total_blocks"),
-            block_size=stats.get("block_size", 16),
+            free_blocks=None if stats is None else stats.free_blocks,
+            total_blocks=None if stats is None else stats.total_blocks,
+            block_size=16 if stats is None else stats.block_size,
         )
 
     async def choose_replicas(
@@ -52,8 +72,11 @@ class KVAwareRequestRouter(FIFOMixin, RequestRouter):
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        loads = [self.replica_load(r) for r in candidate_replicas]
+        serving = [r for r in candidate_replicas if self.is_serving(r)]
+        loads = [self.replica_load(r) for r in serving]
         ranked = rank_replicas(loads, prompt_tokens(pending_request), self.weights, self.rng)
+        # Dead engines last: with no live replica the request fails fast (503), never hangs.
+        ranked += [r.replica_id.unique_id for r in candidate_replicas if r not in serving]
         if pending_request is not None:
             # All replicas are offered at once: if none accepts, wait before asking again.
             pending_request.routing_context.should_backoff = True

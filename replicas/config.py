@@ -19,6 +19,31 @@ def default_cache_dir() -> Path:
     return Path(base) / "continuum"
 
 
+class SyntheticConfig(BaseModel):
+    """A synthetic model (replicas/synthetic.py): steps take a step-time model's duration and
+    sample tokens without a forward pass. Set exactly one of the two time sources."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tokens_per_second: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="Steps take (tokens in the step) / tokens_per_second."
+    )
+    step_time_model: Path | None = Field(
+        None, description="A step-time model JSON (from `python -m cluster calibrate`)."
+    )
+    output: Literal["random", "counting"] = Field(
+        "random",
+        description="random: ordinary tokens at random; counting: the digits 0-9 in turn, so a "
+        "client can check that every token arrives once and in order.",
+    )
+
+    @model_validator(mode="after")
+    def _one_time_source(self) -> SyntheticConfig:
+        if (self.tokens_per_second is None) == (self.step_time_model is None):
+            raise ValueError("set exactly one of tokens_per_second and step_time_model")
+        return self
+
+
 class EngineConfig(BaseModel):
     """Everything one replica's engine needs: which model, on what device, with how much cache."""
 
@@ -69,6 +94,11 @@ class EngineConfig(BaseModel):
         "once); 0 sends every token. Fewer messages leave more CPU to the engine.",
     )
     seed: int = 0
+    synthetic: SyntheticConfig | None = Field(
+        None,
+        description="Run a synthetic model instead of the weights (the serving path at any "
+        "token rate, without a forward pass); the tokenizer is still `model`'s.",
+    )
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model (only for sources you trust)."
     )

@@ -1,8 +1,9 @@
 """The Ray Serve replica: one engine per replica (one GPU each in production).
 
 Requests arrive as `GenerateRequest`s through `generate`, an async generator that streams the
-engine's deltas; many are in flight at once while the engine's step loop runs in its own process.
-Serve calls `record_routing_stats` for the router and `check_health` to replace a dead replica.
+request's text deltas as msgspec-encoded `StreamDelta` bytes (replicas/outputs.py); many are in
+flight at once while the engine's step loop runs in its own process. Serve calls
+`record_routing_stats` for the router and `check_health` to replace a dead replica.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from dataclasses import dataclass
 from ray import serve
 
 from replicas.config import EngineConfig
+from replicas.errors import EngineDeadError
+from replicas.messages import EngineInfo
 from replicas.metrics import RaySink
-from replicas.outputs import RequestOutput
+from replicas.outputs import encode_delta
 from replicas.sampling_params import SamplingParams
 
 # Serve formats this logger's records (JSON with `logging_config.encoding: JSON`) and tags them
@@ -26,11 +29,16 @@ logger = logging.getLogger("ray.serve")
 
 @dataclass
 class GenerateRequest:
-    """What the ingress sends a replica: an already tokenized prompt and how to sample it."""
+    """What the ingress sends a replica: an already tokenized prompt and how to sample it.
+
+    `request_id` is unique per engine request (the ingress makes it); `log_id` is the client's
+    X-Request-ID, which only names log lines.
+    """
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    log_id: str = ""
 
 
 class LLMServer:
@@ -39,9 +47,10 @@ class LLMServer:
         from replicas.async_engine import AsyncLLMEngine
 
         self.engine = AsyncLLMEngine(EngineConfig.model_validate(engine_config), RaySink())
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
-        """Stream the request's outputs; cancellation (client gone) aborts it, freeing blocks."""
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[bytes]:
+        """Stream the request's deltas; cancellation (client gone) aborts it, freeing blocks."""
         start = time.monotonic()
         first_token = None
         tokens = 0
@@ -53,12 +62,15 @@ class LLMServer:
                 first_token = first_token or time.monotonic()
                 tokens += sum(len(c.token_ids) for c in output.outputs)
                 reasons += [c.finish_reason for c in output.outputs if c.finish_reason]
-                yield output
+                yield encode_delta(output)
+        except EngineDeadError as exc:
+            # Name this replica, so the router stops sending it work at once.
+            raise EngineDeadError(str(exc), self.replica_id) from None
         finally:
             # Sizes and timings only: prompts and outputs are never logged.
             logger.info(
                 "request %s %s: prompt_tokens=%d completion_tokens=%d ttft_ms=%s e2e_ms=%.0f",
-                request.request_id,
+                request.log_id or request.request_id,
                 ",".join(reasons) or "abort",
                 len(request.prompt_token_ids),
                 tokens,
@@ -66,11 +78,12 @@ class LLMServer:
                 (time.monotonic() - start) * 1000,
             )
 
-    def model_info(self) -> dict:
+    def model_info(self) -> EngineInfo:
         return self.engine.info
 
-    def record_routing_stats(self) -> dict[str, int]:
-        return self.engine.load()
+    def record_routing_stats(self) -> dict:
+        """`ReplicaStats` as a dict: the form Serve carries to the router."""
+        return self.engine.stats().as_dict()
 
     def check_health(self) -> None:
         self.engine.check_health()

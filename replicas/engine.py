@@ -1,8 +1,10 @@
-"""One replica's engine: requests in, a scheduled forward pass and sampled tokens per `step()`.
+"""One replica's engine core: token ids in, one scheduled forward pass and sampled tokens a step.
 
-The engine owns request state (sampling parameters, detokenizers, generators); the scheduler owns
-sequences and the block manager owns KV blocks. A request with `n > 1` prefills once and forks its
-sequence into `n` when the first tokens are sampled, sharing the prompt's blocks.
+The engine owns request state (sampling parameters, generators); the scheduler owns sequences and
+the block manager owns KV blocks. A request with `n > 1` prefills once and forks its sequence
+into `n` when the first tokens are sampled, sharing the prompt's blocks. Each step returns only
+what is new, as token ids (`EngineOutput`): text, stop strings and logprob text are made outside
+the compute loop, by `replicas.output_processor` (in the replica process when serving).
 """
 
 from __future__ import annotations
@@ -15,17 +17,15 @@ import torch
 from torch.profiler import record_function
 
 from replicas.config import EngineConfig
-from replicas.detokenizer import IncrementalDetokenizer
 from replicas.errors import ModelLoadError
 from replicas.kernels import load_cpu_kernels
 from replicas.kv_cache import KVCacheShape, PagedKVCache, num_blocks_for_budget
+from replicas.messages import EngineOutput, ReplicaStats, TokenLogprobs
 from replicas.metrics import EngineMetrics, MetricsSink, PrometheusSink
 from replicas.model_loader import load_model
 from replicas.model_runner import ModelRunner
-from replicas.outputs import CompletionOutput, Logprob, RequestOutput
-from replicas.sampler import Sampler, SamplerOutput, SamplingRow, TokenLogprobs
-from replicas.sampling_params import OutputKind, SamplingParams
-from replicas.tokenizer import render_chat
+from replicas.sampler import Sampler, SamplerOutput, SamplingRow
+from replicas.sampling_params import SamplingParams
 from scheduler import (
     BlockManager,
     RequestTooLongError,
@@ -52,20 +52,18 @@ class Generation:
     request: Request
     index: int
     seq: Sequence
-    detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
-    logprobs: list[dict[int, Logprob]] | None
-    cumulative_logprob: float = 0.0
+    # Output tokens already handed out, and their logprobs since then.
+    num_sent_tokens: int = 0
+    new_logprobs: list[TokenLogprobs] | None = None
     finish_reason: str | None = None
-    stop_reason: str | int | None = None
-    num_sent_tokens: int = 0  # output tokens already handed out (OutputKind.DELTA)
+    stop_token_id: int | None = None
     last_token_time: float | None = None
 
 
 @dataclass(eq=False)
 class Request:
     request_id: str
-    prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float
@@ -87,18 +85,39 @@ class LLMEngine:
         """`metrics`: where the engine's metrics go (default: a prometheus_client registry)."""
         self.config = config = config or EngineConfig(**overrides)
         self.metrics = EngineMetrics(metrics if metrics is not None else PrometheusSink())
+        if config.synthetic is None:
+            num_blocks, max_model_len = self._load_model(config)
+        else:
+            num_blocks, max_model_len = self._load_synthetic(config)
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                config.max_num_batched_tokens,
+                config.max_num_seqs,
+                max_model_len,
+                config.max_waiting_seqs,
+                config.max_queued_prompt_tokens,
+            ),
+            self.block_manager,
+        )
+        self.max_model_len = max_model_len
+        self.eos_token_ids = self._eos_token_ids()
+        self.requests: dict[str, Request] = {}
+        self.num_requests_admitted = 0
+        self._generation_of: dict[Sequence, Generation] = {}
+
+    def _load_model(self, config: EngineConfig) -> tuple[int, int]:
+        """Load the weights, size and allocate the KV cache, build the runner and sampler;
+        returns the number of KV blocks and the maximum model length."""
         loaded = load_model(config)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.model_name = loaded.name
         self.device = loaded.device
         self.vocab_size = self.model.config.vocab_size
         shape = KVCacheShape.from_model_config(self.model.config, loaded.dtype)
-        model_max_len = getattr(self.model.config, "max_position_embeddings", None)
-        if config.max_model_len and model_max_len and config.max_model_len > model_max_len:
-            raise ValueError(
-                f"max_model_len {config.max_model_len} exceeds the model's "
-                f"{model_max_len} positions"
-            )
+        model_max_len = self._model_max_len(self.model.config)
         self.native_decode = (
             config.native_kernels and self.device.type == "cpu" and load_cpu_kernels()
         )
@@ -116,65 +135,74 @@ class LLMEngine:
         kv_cache = PagedKVCache(
             shape, num_blocks, config.block_size, self.device, zeroed=not self.native_decode
         )
+        self.runner = ModelRunner(self.model, kv_cache, self.device, self.native_decode)
+        self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
         max_model_len = config.max_model_len or min(
             model_max_len or 1 << 30, num_blocks * config.block_size
         )
-        self.block_manager = BlockManager(
-            num_blocks, config.block_size, config.enable_prefix_caching
+        return num_blocks, max_model_len
+
+    def _load_synthetic(self, config: EngineConfig) -> tuple[int, int]:
+        """A synthetic model (replicas/synthetic.py): the model's tokenizer and shapes, no
+        weights, no KV tensors; the KV blocks are bookkeeping only."""
+        from transformers import AutoConfig
+
+        from replicas.model_loader import resolve_model_source
+        from replicas.model_source import model_display_name
+        from replicas.synthetic import SyntheticRunner, SyntheticSampler, step_time_model
+        from replicas.tokenizer import load_tokenizer
+
+        source = resolve_model_source(config)
+        model_config = AutoConfig.from_pretrained(source, revision=config.revision)
+        self.model = None
+        self.tokenizer = load_tokenizer(config, source)
+        self.model_name = model_display_name(config.model)
+        self.device = torch.device("cpu")
+        self.vocab_size = len(self.tokenizer)
+        shape = KVCacheShape.from_model_config(model_config, torch.bfloat16)
+        num_blocks = config.num_blocks or num_blocks_for_budget(
+            shape, config.block_size, self.device, config.kv_cache_memory_gib, 1.0
         )
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                config.max_num_batched_tokens,
-                config.max_num_seqs,
-                max_model_len,
-                config.max_waiting_seqs,
-                config.max_queued_prompt_tokens,
-            ),
-            self.block_manager,
+        self.runner = SyntheticRunner(step_time_model(config.synthetic))
+        self.sampler = SyntheticSampler(config.synthetic, self.tokenizer, config.seed)
+        model_max_len = self._model_max_len(model_config)
+        max_model_len = config.max_model_len or min(
+            model_max_len or 1 << 30, num_blocks * config.block_size
         )
-        self.max_model_len = max_model_len
-        self.runner = ModelRunner(self.model, kv_cache, self.device, self.native_decode)
-        self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
-        self.backend_tokenizer = self.tokenizer.backend_tokenizer
-        self.eos_token_ids = self._eos_token_ids()
-        self.requests: dict[str, Request] = {}
-        self.num_requests_admitted = 0
-        self._generation_of: dict[Sequence, Generation] = {}
-        self._token_text: dict[int, str] = {}
+        return num_blocks, max_model_len
+
+    def _model_max_len(self, model_config) -> int | None:
+        model_max_len = getattr(model_config, "max_position_embeddings", None)
+        limit = self.config.max_model_len
+        if limit and model_max_len and limit > model_max_len:
+            raise ValueError(f"max_model_len {limit} exceeds the model's {model_max_len} positions")
+        return model_max_len
 
     # --- requests ---------------------------------------------------------------------------
-
-    def tokenize(self, prompt: str) -> list[int]:
-        return self.tokenizer.encode(prompt)
-
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        return render_chat(self.tokenizer, messages)
 
     def add_request(
         self,
         request_id: str,
-        prompt: str | list[int],
+        prompt_token_ids: list[int],
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
     ) -> None:
-        """Queue a request; raises ValueError (e.g. `RequestTooLongError`) if it can never run."""
+        """Queue a request. Raises ValueError (e.g. `RequestTooLongError`) for one that can never
+        run and `QueueFullError` when the queue is at its bound; a refused request leaves
+        nothing behind."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if isinstance(prompt, str):
-            prompt_text, token_ids = prompt, self.tokenize(prompt)
-        else:
-            prompt_text, token_ids = None, list(prompt)
-            if any(not 0 <= t < self.vocab_size for t in token_ids):
-                raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        token_ids = list(prompt_token_ids)
         if not token_ids:
             raise RequestTooLongError("the prompt is empty")
         for name, ids in (
+            ("prompt token ids", token_ids),
             ("stop_token_ids", params.stop_token_ids),
             ("logit_bias", params.logit_bias),
         ):
             if any(not 0 <= t < self.vocab_size for t in ids):
-                raise ValueError(f"{name} must hold token ids in [0, {self.vocab_size})")
+                raise ValueError(f"{name} must be in [0, {self.vocab_size})")
         max_tokens = params.max_tokens
         if max_tokens is None:
             max_tokens = self.max_model_len - len(token_ids)
@@ -183,12 +211,11 @@ class LLMEngine:
                     f"the prompt ({len(token_ids)} tokens) fills the maximum model length "
                     f"of {self.max_model_len} tokens"
                 )
-        self.scheduler.check_fits(len(token_ids), max_tokens)
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        request = Request(request_id, prompt_text, token_ids, params, arrival)
-        seq = Sequence(request_id, list(token_ids), max_tokens, arrival)
+        seq = Sequence(request_id, token_ids, max_tokens)
+        self.scheduler.add(seq)  # raises before anything is registered
+        request = Request(request_id, token_ids, params, arrival)
         self._add_generation(request, seq, 0)
-        self.scheduler.add(seq)
         self.requests[request_id] = request
         self.num_requests_admitted += 1
         self.metrics.request_admitted(len(token_ids))
@@ -200,14 +227,42 @@ class LLMEngine:
             self._drop(request, "abort")
             self.metrics.gauges(self.scheduler, self.block_manager)
 
+    def finish_generation(self, request_id: str, index: int) -> None:
+        """End one generation that met a stop string (found where the text is made); its
+        blocks are freed now. Generations already finished, or unknown, are ignored."""
+        request = self.requests.get(request_id)
+        if request is None or index >= len(request.generations):
+            return
+        gen = request.generations[index]
+        if gen.finish_reason is None:
+            self._finish(gen, "stop")
+            if request.finished:
+                del self.requests[request_id]
+            self.metrics.gauges(self.scheduler, self.block_manager)
+
+    def stats(self) -> ReplicaStats:
+        """This engine's load, as the router reads it."""
+        scheduler, bm = self.scheduler, self.block_manager
+        return ReplicaStats(
+            num_waiting=scheduler.num_waiting,
+            num_running=scheduler.num_running,
+            queued_prompt_tokens=scheduler.num_queued_tokens,
+            free_blocks=bm.num_free_blocks,
+            total_blocks=bm.num_blocks,
+            block_size=bm.block_size,
+            prefix_cache_queries=bm.prefix_cache_queries,
+            prefix_cache_hits=bm.prefix_cache_hits,
+            requests_admitted=self.num_requests_admitted,
+        )
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
     # --- the step ---------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self) -> list[RequestOutput]:
-        """Run one scheduled forward pass; return outputs of the requests it changed."""
+    def step(self) -> list[EngineOutput]:
+        """Run one scheduled forward pass; return what it added to each generation it changed."""
         with record_function("continuum.schedule"):
             batch = self.scheduler.schedule()
         if not batch:
@@ -218,7 +273,7 @@ class LLMEngine:
             logger.exception("step failed; failing the %d requests in it", len(batch.seqs))
             return self._fail(batch, f"{type(exc).__name__}: {exc}")
 
-    def _run(self, batch: ScheduledBatch) -> list[RequestOutput]:
+    def _run(self, batch: ScheduledBatch) -> list[EngineOutput]:
         self._record_first_scheduled(batch)
         sample_rows = [
             i
@@ -236,7 +291,7 @@ class LLMEngine:
         self.metrics.step(batch.total_tokens, self.scheduler, self.block_manager)
         return outputs
 
-    def _fail(self, batch: ScheduledBatch, error: str) -> list[RequestOutput]:
+    def _fail(self, batch: ScheduledBatch, error: str) -> list[EngineOutput]:
         """End every request with a sequence in `batch`; their blocks are freed now."""
         failed = {
             gen.request.request_id: gen.request
@@ -246,19 +301,10 @@ class LLMEngine:
         outputs = []
         for request in failed.values():
             self._drop(request, "error")
-            outputs.append(
-                RequestOutput(
-                    request_id=request.request_id,
-                    prompt=request.prompt,
-                    prompt_token_ids=request.prompt_token_ids,
-                    outputs=[
-                        CompletionOutput(g.index, "", [], finish_reason="error")
-                        for g in request.generations
-                    ],
-                    finished=True,
-                    error=error,
-                )
-            )
+            outputs += [
+                EngineOutput(request.request_id, g.index, [], finish_reason="error", error=error)
+                for g in request.generations
+            ]
         self.metrics.gauges(self.scheduler, self.block_manager)
         return outputs
 
@@ -281,10 +327,10 @@ class LLMEngine:
 
     def _process_samples(
         self, generations: list[Generation], sampled: SamplerOutput
-    ) -> list[RequestOutput]:
-        """Append sampled tokens, detokenize, apply stop conditions, and build outputs."""
+    ) -> list[EngineOutput]:
+        """Append sampled tokens, apply the stop conditions the engine owns (EOS, stop tokens,
+        lengths), and return what is new for each generation."""
         now = time.monotonic()
-        touched: dict[str, Request] = {}
         self.metrics.tokens_sampled(len(generations))
         for gen, token_id, logprobs in zip(
             generations, sampled.token_ids, sampled.logprobs, strict=True
@@ -297,12 +343,10 @@ class LLMEngine:
                 self.metrics.next_token(now - gen.last_token_time)
             gen.last_token_time = now
             self._append_token(gen, token_id, logprobs)
-            touched[request.request_id] = request
-        outputs = []
-        for request in touched.values():
-            if output := self._make_output(request):
-                outputs.append(output)
-            if request.finished:
+        outputs = [self._take_output(gen) for gen in generations]
+        for gen in generations:
+            request = gen.request
+            if request.finished and request.request_id in self.requests:
                 del self.requests[request.request_id]
         return outputs
 
@@ -318,15 +362,8 @@ class LLMEngine:
             request=request,
             index=index,
             seq=seq,
-            detokenizer=IncrementalDetokenizer(
-                self.backend_tokenizer,
-                request.prompt_token_ids,
-                params.skip_special_tokens,
-                params.stop,
-                params.include_stop_str_in_output,
-            ),
             generator=generator,
-            logprobs=[] if params.logprobs is not None else None,
+            new_logprobs=[] if params.logprobs is not None else None,
         )
         request.generations.append(gen)
         self._generation_of[seq] = gen
@@ -348,10 +385,7 @@ class LLMEngine:
             for index in range(1, request.params.n):
                 parent = gen.seq
                 child = Sequence(
-                    f"{parent.seq_id}/{index}",
-                    list(parent.token_ids),
-                    parent.max_tokens,
-                    parent.arrival_time,
+                    f"{parent.seq_id}/{index}", list(parent.token_ids), parent.max_tokens
                 )
                 self.scheduler.add_forked(parent, child)
                 rows.append(row)
@@ -375,82 +409,42 @@ class LLMEngine:
         params = gen.request.params
         seq.append_token(token_id)
         if logprobs is not None:
-            gen.logprobs.append(self._logprob_entry(token_id, logprobs))
-            gen.cumulative_logprob += logprobs.logprob
-        stop_string = gen.detokenizer.update(token_id)
+            gen.new_logprobs.append(logprobs)
         if not params.ignore_eos and token_id in self.eos_token_ids:
             self._finish(gen, "stop")
         elif token_id in params.stop_token_ids:
-            self._finish(gen, "stop", token_id)
-        elif stop_string is not None:
-            self._finish(gen, "stop", stop_string)
+            gen.stop_token_id = token_id
+            self._finish(gen, "stop")
         elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             self._finish(gen, "length")
 
-    def _finish(self, gen: Generation, reason: str, stop_reason: str | int | None = None) -> None:
+    def _finish(self, gen: Generation, reason: str) -> None:
         gen.finish_reason = reason
-        gen.stop_reason = stop_reason
         self.scheduler.finish(gen.seq, FINISH_STATUS[reason])
         del self._generation_of[gen.seq]
         self.metrics.finished(reason, gen.request.arrival_time)
 
-    def _logprob_entry(self, token_id: int, logprobs: TokenLogprobs) -> dict[int, Logprob]:
-        entry = {token_id: Logprob(logprobs.logprob, logprobs.rank, self._decode_token(token_id))}
-        for rank, (tid, lp) in enumerate(
-            zip(logprobs.top_ids, logprobs.top_logprobs, strict=True), start=1
-        ):
-            entry.setdefault(tid, Logprob(lp, rank, self._decode_token(tid)))
-        return entry
-
-    def _decode_token(self, token_id: int) -> str:
-        text = self._token_text.get(token_id)
-        if text is None:
-            text = self._token_text[token_id] = self.tokenizer.decode([token_id])
-        return text
-
-    def _make_output(self, request: Request) -> RequestOutput | None:
-        kind = request.params.output_kind
-        finished = request.finished
-        if kind is OutputKind.FINAL_ONLY and not finished:
-            return None
-        completions = []
-        for gen in request.generations:
-            done = gen.finish_reason is not None
-            if kind is OutputKind.DELTA:
-                start = gen.num_sent_tokens
-                if start == gen.seq.num_output_tokens and not done:
-                    continue
-                gen.num_sent_tokens = gen.seq.num_output_tokens
-                text = gen.detokenizer.take_delta(done)
-            else:
-                start = 0
-                text = gen.detokenizer.text
-            completions.append(
-                CompletionOutput(
-                    index=gen.index,
-                    text=text,
-                    token_ids=gen.seq.output_token_ids[start:],
-                    finish_reason=gen.finish_reason,
-                    stop_reason=gen.stop_reason,
-                    logprobs=None if gen.logprobs is None else gen.logprobs[start:],
-                    cumulative_logprob=None if gen.logprobs is None else gen.cumulative_logprob,
-                )
-            )
-        if not completions:
-            return None
-        seq0 = request.generations[0].seq
-        return RequestOutput(
-            request_id=request.request_id,
-            prompt=request.prompt,
-            prompt_token_ids=request.prompt_token_ids,
-            outputs=completions,
-            finished=finished,
-            num_cached_tokens=seq0.num_cached_tokens,
+    def _take_output(self, gen: Generation) -> EngineOutput:
+        """The tokens (and logprobs) `gen` gained since its last output."""
+        seq = gen.seq
+        start = seq.num_prompt_tokens + gen.num_sent_tokens
+        gen.num_sent_tokens = seq.num_output_tokens
+        logprobs = gen.new_logprobs
+        if logprobs is not None:
+            gen.new_logprobs = []
+        return EngineOutput(
+            gen.request.request_id,
+            gen.index,
+            seq.token_ids[start:],
+            logprobs=logprobs,
+            finish_reason=gen.finish_reason,
+            stop_token_id=gen.stop_token_id,
+            num_cached_tokens=seq.num_cached_tokens if start == seq.num_prompt_tokens else 0,
         )
 
     def _eos_token_ids(self) -> list[int]:
         ids: set[int] = set()
-        generation_config = getattr(self.model, "generation_config", None)
+        generation_config = getattr(self.model, "generation_config", None)  # None if synthetic
         configured = getattr(generation_config, "eos_token_id", None)
         if isinstance(configured, int):
             ids.add(configured)

@@ -3,7 +3,8 @@
 Why a process: OpenMP parallel regions started from a non-main thread run far slower here
 (libgomp: a linear layer 1.7x, a small elementwise op 7x), and in a Serve replica the engine
 would share its GIL with Serve's streaming threads. The replica talks to this process over a
-pipe: commands in (add, abort), one message out per step (outputs, load, metric records).
+pipe in typed msgpack messages (replicas/messages.py): commands in (add, abort, finish), one
+`StepDone` out per step with only what is new (token ids, no text, no prompt).
 """
 
 from __future__ import annotations
@@ -13,82 +14,106 @@ import signal
 import sys
 from multiprocessing.connection import Connection
 
+import msgspec
+
 from replicas.config import EngineConfig
+from replicas.messages import (
+    AbortRequest,
+    Added,
+    AddRequest,
+    Command,
+    Died,
+    EngineInfo,
+    ErrorKind,
+    Event,
+    FinishGeneration,
+    Ready,
+    Shutdown,
+    StartupFailed,
+    StatsChanged,
+    StepDone,
+)
 from replicas.metrics import RecordingSink
+from replicas.sampling_params import SamplingParams
+from scheduler import QueueFullError, RequestTooLongError
 
 
-def engine_info(engine) -> dict:
-    bm = engine.block_manager
-    return {
-        "model_name": engine.model_name,
-        "max_model_len": engine.max_model_len,
-        "vocab_size": engine.vocab_size,
-        "block_size": bm.block_size,
-        "num_blocks": bm.num_blocks,
-    }
+class EnginePipe:
+    """One end of the engine pipe: typed messages in one direction, typed messages out."""
+
+    def __init__(self, conn: Connection, receives: type) -> None:
+        self.conn = conn
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(receives)
+
+    def send(self, message: Command | Event) -> None:
+        self.conn.send_bytes(self._encoder.encode(message))
+
+    def recv(self):
+        return self._decoder.decode(self.conn.recv_bytes())
+
+    def poll(self, timeout: float | None) -> bool:
+        return self.conn.poll(timeout)
 
 
-def engine_load(engine) -> dict[str, int]:
-    """What the router reads for this replica."""
-    scheduler, bm = engine.scheduler, engine.block_manager
-    return {
-        "num_waiting": scheduler.num_waiting,
-        "num_running": scheduler.num_running,
-        "free_blocks": bm.num_free_blocks,
-        "total_blocks": bm.num_blocks,
-        "block_size": bm.block_size,
-        "prefix_cache_queries": bm.prefix_cache_queries,
-        "prefix_cache_hits": bm.prefix_cache_hits,
-        "requests_admitted": engine.num_requests_admitted,
-    }
+def error_kind(exc: Exception) -> ErrorKind:
+    if isinstance(exc, QueueFullError):
+        return "queue_full"
+    if isinstance(exc, RequestTooLongError):
+        return "too_long"
+    return "invalid"
 
 
-def serve_engine(conn: Connection) -> None:
-    """Build the engine from the first message, then run commands and steps until told to stop."""
+def serve_engine(pipe: EnginePipe, config: EngineConfig) -> None:
+    """Build the engine, then run commands and steps until told to stop."""
     from replicas.engine import LLMEngine
 
-    config = EngineConfig.model_validate(conn.recv())
     sink = RecordingSink()
     try:
         engine = LLMEngine(config, sink)
-    except BaseException as exc:
-        conn.send(("failed", exc))
+    except Exception as exc:
+        pipe.send(StartupFailed(f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("ready", engine_info(engine), engine_load(engine)))
+    info = EngineInfo(max_model_len=engine.max_model_len, block_size=config.block_size)
+    pipe.send(Ready(info, engine.stats()))
     while True:
         # Block for commands only when there is nothing to compute.
-        while conn.poll(0 if engine.has_unfinished_requests() else None):
-            command, *args = conn.recv()
-            if command == "add":
-                request_id, prompt, params = args
-                error = None
+        while pipe.poll(0 if engine.has_unfinished_requests() else None):
+            command = pipe.recv()
+            if isinstance(command, AddRequest):
                 try:
-                    engine.add_request(request_id, prompt, params)
+                    params = SamplingParams.model_validate(command.params)
+                    engine.add_request(command.request_id, command.prompt_token_ids, params)
                 except Exception as exc:  # refused (too long, queue full): the caller's error
-                    error = exc
-                conn.send(("added", request_id, error, engine_load(engine)))
-            elif command == "abort":
-                engine.abort_request(args[0])
-                conn.send(("load", engine_load(engine), sink.drain()))
-            elif command == "shutdown":
+                    pipe.send(Added(command.request_id, engine.stats(), error_kind(exc), str(exc)))
+                else:
+                    pipe.send(Added(command.request_id, engine.stats()))
+            elif isinstance(command, AbortRequest):
+                engine.abort_request(command.request_id)
+                pipe.send(StatsChanged(engine.stats(), sink.drain()))
+            elif isinstance(command, FinishGeneration):
+                engine.finish_generation(command.request_id, command.index)
+                pipe.send(StatsChanged(engine.stats(), sink.drain()))
+            elif isinstance(command, Shutdown):
                 return
         if engine.has_unfinished_requests():
             outputs = engine.step()
-            conn.send(("step", outputs, engine_load(engine), sink.drain()))
+            pipe.send(StepDone(outputs, engine.stats(), sink.drain()))
 
 
 def main() -> None:
     # Exit with the replica: the kernel signals us when the parent dies.
     libc = ctypes.CDLL(None)
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    conn = Connection(int(sys.argv[1]))
+    pipe = EnginePipe(Connection(int(sys.argv[1])), Command)
     try:
-        serve_engine(conn)
+        config = EngineConfig.model_validate_json(pipe.conn.recv_bytes())
+        serve_engine(pipe, config)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         pass  # the replica went away
     except BaseException as exc:
-        try:  # a plain error: the original may not pickle
-            conn.send(("dead", RuntimeError(f"{type(exc).__name__}: {exc}")))
+        try:
+            pipe.send(Died(f"{type(exc).__name__}: {exc}"))
         finally:
             raise
 

@@ -6,12 +6,15 @@ import itertools
 from collections import deque
 from collections.abc import Sequence as Seq
 
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from replicas.config import EngineConfig
 from replicas.engine import LLMEngine
+from replicas.output_processor import OutputProcessor
 from replicas.outputs import RequestOutput
 from replicas.sampling_params import OutputKind, SamplingParams
+from replicas.tokenizer import render_chat
 from scheduler import QueueFullError
 
 Prompt = str | list[int]
@@ -23,6 +26,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, **engine_args) -> None:
         self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        self.processor = OutputProcessor(self.engine.tokenizer)
         self._ids = itertools.count()
 
     def get_tokenizer(self):
@@ -47,8 +51,21 @@ class LLM:
     ) -> list[RequestOutput]:
         """Like `generate`, for conversations rendered with the model's chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.engine.apply_chat_template(list(c)) for c in conversations]
+        tokenizer = self.engine.tokenizer
+        prompts = [
+            tokenizer.encode(render_chat(tokenizer, list(c)), add_special_tokens=False)
+            for c in conversations
+        ]
         return self._run(prompts, sampling_params, use_tqdm)
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step, its outputs made into text (the offline OutputProcessor)."""
+        outputs = self.engine.step()
+        with record_function("continuum.detokenize"):
+            processed = self.processor.process(outputs)
+        for request_id, index in processed.stopped:
+            self.engine.finish_generation(request_id, index)
+        return processed.request_outputs
 
     def _run(
         self,
@@ -71,13 +88,14 @@ class LLM:
             ) as bar:
                 while pending or self.engine.has_unfinished_requests():
                     self._admit(pending, order)
-                    for output in self.engine.step():
+                    for output in self.step():
                         if output.finished:
                             results[order[output.request_id]] = output
                             bar.update(1)
         finally:
             for request_id in order:
                 self.engine.abort_request(request_id)
+                self.processor.remove_request(request_id)
         return results
 
     def _admit(self, pending: deque, order: dict[str, int]) -> None:
@@ -87,9 +105,15 @@ class LLM:
             i, (prompt, params) = pending[0]
             request_id = str(next(self._ids))
             final = params.model_copy(update={"output_kind": OutputKind.FINAL_ONLY})
+            text, token_ids = (
+                (prompt, self.engine.tokenizer.encode(prompt))
+                if isinstance(prompt, str)
+                else (None, list(prompt))
+            )
             try:
-                self.engine.add_request(request_id, prompt, final)
+                self.engine.add_request(request_id, token_ids, final)
             except QueueFullError:
                 return
+            self.processor.add_request(request_id, token_ids, final, text)
             order[request_id] = i
             pending.popleft()

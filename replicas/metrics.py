@@ -26,67 +26,82 @@ class MetricSpec:
     description: str
     labels: tuple[str, ...] = ()
     buckets: tuple[float, ...] = ()
+    # Label values known in advance: a counter exists at 0 for each from the start.
+    label_values: tuple[tuple[str, ...], ...] = ()
 
 
-METRICS: dict[str, MetricSpec] = {
-    m.name: m
-    for m in [
-        MetricSpec(
-            "continuum_time_to_first_token_seconds",
-            "histogram",
-            "Arrival to first token.",
-            buckets=TTFT_BUCKETS,
-        ),
-        MetricSpec(
-            "continuum_inter_token_latency_seconds",
-            "histogram",
-            "Between consecutive tokens of a sequence.",
-            buckets=ITL_BUCKETS,
-        ),
-        MetricSpec(
-            "continuum_e2e_request_latency_seconds",
-            "histogram",
-            "Arrival to finish.",
-            buckets=E2E_BUCKETS,
-        ),
-        MetricSpec(
-            "continuum_queue_wait_seconds",
-            "histogram",
-            "Arrival to first scheduled step.",
-            buckets=TTFT_BUCKETS,
-        ),
-        MetricSpec("continuum_prompt_tokens", "counter", "Prompt tokens of admitted requests."),
-        MetricSpec("continuum_generation_tokens", "counter", "Tokens sampled."),
-        MetricSpec(
-            "continuum_requests_finished",
-            "counter",
-            "Finished generations, by reason.",
-            ("finish_reason",),
-        ),
-        MetricSpec("continuum_preemptions", "counter", "Sequences preempted to free KV blocks."),
-        MetricSpec(
-            "continuum_prefix_cache_hits", "counter", "Prompt tokens found in the prefix cache."
-        ),
-        MetricSpec(
-            "continuum_prefix_cache_queries",
-            "counter",
-            "Prompt tokens looked up in the prefix cache.",
-        ),
-        MetricSpec("continuum_running_sequences", "gauge", "Sequences in the running batch."),
-        MetricSpec("continuum_waiting_sequences", "gauge", "Sequences waiting to be scheduled."),
-        MetricSpec(
-            "continuum_kv_blocks_used", "gauge", "KV-cache blocks held (owned or not yet freeable)."
-        ),
-        MetricSpec("continuum_kv_blocks_total", "gauge", "KV-cache blocks in the cache."),
-        MetricSpec("continuum_step_tokens", "gauge", "Tokens fed to the model in the last step."),
-        MetricSpec(
-            "continuum_router_decisions",
-            "counter",
-            "Requests the router sent to each replica.",
-            ("target_replica",),
-        ),
-    ]
-}
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+METRIC_SPECS: tuple[MetricSpec, ...] = (
+    MetricSpec(
+        "continuum_time_to_first_token_seconds",
+        "histogram",
+        "Arrival to first token.",
+        buckets=TTFT_BUCKETS,
+    ),
+    MetricSpec(
+        "continuum_inter_token_latency_seconds",
+        "histogram",
+        "Between consecutive tokens of a sequence.",
+        buckets=ITL_BUCKETS,
+    ),
+    MetricSpec(
+        "continuum_e2e_request_latency_seconds",
+        "histogram",
+        "Arrival to finish.",
+        buckets=E2E_BUCKETS,
+    ),
+    MetricSpec(
+        "continuum_queue_wait_seconds",
+        "histogram",
+        "Arrival to first scheduled step.",
+        buckets=TTFT_BUCKETS,
+    ),
+    MetricSpec("continuum_prompt_tokens", "counter", "Prompt tokens of admitted requests."),
+    MetricSpec("continuum_generation_tokens", "counter", "Tokens sampled."),
+    MetricSpec(
+        "continuum_requests_finished",
+        "counter",
+        "Finished generations, by reason.",
+        ("finish_reason",),
+        label_values=tuple((reason,) for reason in FINISH_REASONS),
+    ),
+    MetricSpec("continuum_preemptions", "counter", "Sequences preempted to free KV blocks."),
+    MetricSpec(
+        "continuum_prefix_cache_hits", "counter", "Prompt tokens found in the prefix cache."
+    ),
+    MetricSpec(
+        "continuum_prefix_cache_queries",
+        "counter",
+        "Prompt tokens looked up in the prefix cache.",
+    ),
+    MetricSpec("continuum_running_sequences", "gauge", "Sequences in the running batch."),
+    MetricSpec("continuum_waiting_sequences", "gauge", "Sequences waiting to be scheduled."),
+    MetricSpec(
+        "continuum_kv_blocks_used", "gauge", "KV-cache blocks held (owned or not yet freeable)."
+    ),
+    MetricSpec("continuum_kv_blocks_total", "gauge", "KV-cache blocks in the cache."),
+    MetricSpec("continuum_step_tokens", "gauge", "Tokens fed to the model in the last step."),
+    MetricSpec(
+        "continuum_router_decisions",
+        "counter",
+        "Requests the router sent to each replica.",
+        ("target_replica",),
+    ),
+)
+
+
+def index_by_name(specs: tuple[MetricSpec, ...]) -> dict[str, MetricSpec]:
+    """Specs by name; two specs of one name would be one metric recorded two ways."""
+    index: dict[str, MetricSpec] = {}
+    for spec in specs:
+        if spec.name in index:
+            raise ValueError(f"metric {spec.name} is defined twice")
+        index[spec.name] = spec
+    return index
+
+
+METRICS = index_by_name(METRIC_SPECS)
 
 
 class MetricsSink(Protocol):
@@ -111,6 +126,8 @@ class PrometheusSink:
                 metric = prom.Gauge(spec.name, spec.description, **kwargs)
             else:
                 metric = prom.Histogram(spec.name, spec.description, buckets=spec.buckets, **kwargs)
+            for values in spec.label_values:  # known label values exist at 0 from the start
+                metric.labels(*values)
             self._metrics[spec.name] = (spec.kind, metric)
 
     def record(self, name: str, value: float, labels: dict[str, str] | None = None) -> None:
@@ -155,6 +172,22 @@ class RaySink:
                     name, spec.description, boundaries=list(spec.buckets), tag_keys=spec.labels
                 )
             self._metrics[name] = (spec.kind, metric)
+        self._start_counters_at_zero()
+
+    def _start_counters_at_zero(self) -> None:
+        """Ray exports a counter only once it is incremented and refuses increments of 0, so a
+        rate or alert over it sees nothing until the first event: record a 0 for each known
+        label value, through Ray's own recording path, so every counter exists from the start."""
+        from ray.serve.metrics import _add_serve_context_tag_values
+
+        for name, (kind, metric) in self._metrics.items():
+            spec = METRICS[name]
+            if kind != "counter" or (spec.labels and not spec.label_values):
+                continue
+            for values in spec.label_values or ((),):
+                tags = dict(zip(spec.labels, values, strict=True))
+                _add_serve_context_tag_values(metric._tag_keys, tags)
+                metric._record(0, tags)
 
     def record(self, name: str, value: float, labels: dict[str, str] | None = None) -> None:
         kind, metric = self._metrics[name]

@@ -6,6 +6,7 @@ into a safetensors directory in the model cache (~15 s), which later loads in ab
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -56,12 +57,24 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
-    """Dequantize a GGUF file once into a safetensors HF directory under `cache_dir`."""
+    """Dequantize a GGUF file once into a safetensors HF directory under `cache_dir`.
+
+    Processes that need it at the same time (replicas and the ingress of a cold `serve run`)
+    wait on a file lock while the first converts, then find the result.
+    """
     target = converted_dir(gguf_path, cache_dir)
     if (target / "config.json").is_file():
         return target
-    logger.info("converting %s to safetensors in %s (once)", gguf_path, target)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").is_file():
+            _convert(gguf_path, cache_dir, target)
+    return target
+
+
+def _convert(gguf_path: Path, cache_dir: Path, target: Path) -> None:
+    logger.info("converting %s to safetensors in %s (once)", gguf_path, target)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=cache_dir))
     try:
         kwargs = {"gguf_file": gguf_path.name}
@@ -71,14 +84,9 @@ def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
             model.hf_quantizer.remove_quantization_config(model)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)  # atomic: concurrent replicas converting race harmlessly
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
+        os.rename(tmp, target)  # atomic: a reader sees all of it or nothing
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def resolve_model_source(config: EngineConfig) -> str:

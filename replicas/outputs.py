@@ -1,19 +1,22 @@
-"""What the engine hands back per request, shaped like vLLM's outputs."""
+"""What callers read per request, shaped like vLLM's outputs; and its lean form on the wire.
+
+`RequestOutput` is the offline API's result. A Serve replica streams `StreamDelta`s instead:
+only the new text, tokens and logprobs of each generation, never the prompt again, encoded with
+msgspec (`encode_delta` / `decode_delta`) so each hop handles bytes, not pickled objects.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import msgspec
 
 
-@dataclass
-class Logprob:
+class Logprob(msgspec.Struct, array_like=True, gc=False):
     logprob: float
-    rank: int
+    rank: int  # 1 = the most likely token
     decoded_token: str
 
 
-@dataclass
-class CompletionOutput:
+class CompletionOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     """One of a request's `n` generations: cumulative, or only what is new (`OutputKind.DELTA`)."""
 
     index: int
@@ -29,15 +32,13 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
-@dataclass
-class RequestOutput:
+class RequestOutput(msgspec.Struct, omit_defaults=True):
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None  # the step running this request failed; the request is over
 
     # Shortcuts to the first generation, for the common n == 1 case.
@@ -54,29 +55,44 @@ class RequestOutput:
         return self.outputs[0].finish_reason
 
 
-def merge_deltas(first: RequestOutput, then: RequestOutput) -> RequestOutput:
-    """Two consecutive delta outputs of a request as one, for streams that send less often."""
-    merged = {c.index: c for c in first.outputs}
+class StreamDelta(msgspec.Struct, array_like=True, omit_defaults=True):
+    """What a replica streams to the ingress per message: a `RequestOutput` without the prompt."""
+
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+
+
+_encoder = msgspec.msgpack.Encoder()
+_delta_decoder = msgspec.msgpack.Decoder(StreamDelta)
+
+
+def encode_delta(output: RequestOutput) -> bytes:
+    return _encoder.encode(StreamDelta(output.outputs, output.finished, output.num_cached_tokens))
+
+
+def decode_delta(data: bytes) -> StreamDelta:
+    return _delta_decoder.decode(data)
+
+
+def merge_deltas(pending: RequestOutput, then: RequestOutput) -> RequestOutput:
+    """Fold the next delta output of a request into `pending` (in place) and return it: what a
+    consumer that fell behind receives at once, in one message."""
+    by_index = {c.index: c for c in pending.outputs}
     for c in then.outputs:
-        prev = merged.get(c.index)
-        if prev is not None:
-            c = CompletionOutput(
-                index=c.index,
-                text=prev.text + c.text,
-                token_ids=prev.token_ids + c.token_ids,
-                finish_reason=c.finish_reason,
-                stop_reason=c.stop_reason,
-                logprobs=None if prev.logprobs is None else prev.logprobs + (c.logprobs or []),
-                cumulative_logprob=c.cumulative_logprob,
-            )
-        merged[c.index] = c
-    return RequestOutput(
-        request_id=then.request_id,
-        prompt=then.prompt,
-        prompt_token_ids=then.prompt_token_ids,
-        outputs=[merged[i] for i in sorted(merged)],
-        finished=then.finished,
-        num_cached_tokens=then.num_cached_tokens,
-        metrics=then.metrics,
-        error=then.error,
-    )
+        prev = by_index.get(c.index)
+        if prev is None:
+            pending.outputs.append(c)
+            continue
+        prev.text += c.text
+        prev.token_ids.extend(c.token_ids)
+        if prev.logprobs is not None:
+            prev.logprobs.extend(c.logprobs or [])
+        prev.finish_reason = c.finish_reason
+        prev.stop_reason = c.stop_reason
+        prev.cumulative_logprob = c.cumulative_logprob
+    pending.outputs.sort(key=lambda c: c.index)
+    pending.finished = then.finished
+    pending.num_cached_tokens = then.num_cached_tokens
+    pending.error = then.error
+    return pending

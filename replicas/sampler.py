@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from replicas.messages import TokenLogprobs
 from replicas.sampling_params import SamplingParams
 
 
@@ -23,16 +24,6 @@ class SamplingRow:
     token_ids: list[int]  # prompt + output so far
     num_prompt_tokens: int
     banned_token_ids: list[int] = field(default_factory=list)  # e.g. EOS before min_tokens
-
-
-@dataclass
-class TokenLogprobs:
-    """Log-probabilities of the model's raw distribution at one position."""
-
-    logprob: float  # of the sampled token
-    rank: int  # 1 = the most likely token
-    top_ids: list[int]
-    top_logprobs: list[float]
 
 
 @dataclass

@@ -1,13 +1,52 @@
-"""How to pick tokens and when to stop, per request; the same fields vLLM users know."""
+"""How to pick tokens and when to stop, per request; the same fields vLLM users know.
+
+Every bound is declared once here, as an annotated type, and reused by the OpenAI API models
+(cluster/protocol.py): a value the API accepts is a value the engine accepts.
+"""
 
 from __future__ import annotations
 
 import enum
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 MAX_LOGPROBS = 20
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_LENGTH = 512  # characters per stop sequence
+
+
+def _stop_strings(value: list[str]) -> list[str]:
+    if len(value) > MAX_STOP_SEQUENCES:
+        raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+    if any(not s for s in value):
+        raise ValueError("stop sequences must not be empty")
+    if any(len(s) > MAX_STOP_LENGTH for s in value):
+        raise ValueError(f"stop sequences are at most {MAX_STOP_LENGTH} characters")
+    return value
+
+
+def _as_list(value: object) -> object:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else value
+
+
+NumChoices = Annotated[int, Field(ge=1, le=128)]
+Temperature = Annotated[float, Field(ge=0, le=2)]
+TopP = Annotated[float, Field(gt=0, le=1)]
+TopK = Annotated[int, Field(ge=0)]  # 0: off
+MinP = Annotated[float, Field(ge=0, le=1)]
+Seed = Annotated[int, Field(ge=-(2**63), lt=2**64)]  # what torch.Generator accepts
+RepetitionPenalty = Annotated[float, Field(gt=0, le=10)]
+Penalty = Annotated[float, Field(ge=-2, le=2)]  # presence and frequency
+LogitBias = Annotated[float, Field(ge=-100, le=100)]
+TokenId = Annotated[int, Field(ge=0)]
+NumLogprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
+MaxTokens = Annotated[int, Field(ge=1)]
+MinTokens = Annotated[int, Field(ge=0)]
+# A string or a list of strings, at most MAX_STOP_SEQUENCES of at most MAX_STOP_LENGTH each.
+StopStrings = Annotated[list[str], BeforeValidator(_as_list), AfterValidator(_stop_strings)]
 
 
 class OutputKind(enum.Enum):
@@ -19,37 +58,25 @@ class OutputKind(enum.Enum):
 class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    n: Annotated[int, Field(ge=1, le=128)] = 1
-    temperature: Annotated[float, Field(ge=0, le=100)] = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: Annotated[int, Field(ge=0)] = 0  # 0: off
-    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
-    seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None  # what torch accepts
-    repetition_penalty: Annotated[float, Field(gt=0, le=10)] = 1.0
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] = Field(default_factory=dict)
-    stop: list[str] = Field(default_factory=list)
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
+    n: NumChoices = 1
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = 0
+    min_p: MinP = 0.0
+    seed: Seed | None = None
+    repetition_penalty: RepetitionPenalty = 1.0
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    logit_bias: dict[int, LogitBias] = Field(default_factory=dict)
+    stop: StopStrings = Field(default_factory=list)
+    stop_token_ids: list[TokenId] = Field(default_factory=list)
     include_stop_str_in_output: bool = False
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
-    min_tokens: Annotated[int, Field(ge=0)] = 0
+    max_tokens: MaxTokens | None = 16
+    min_tokens: MinTokens = 0
     ignore_eos: bool = False
-    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    logprobs: NumLogprobs | None = None
     skip_special_tokens: bool = True
     output_kind: OutputKind = OutputKind.CUMULATIVE
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_as_list(cls, value: object) -> object:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("stop")
-    @classmethod
-    def _no_empty_stop(cls, value: list[str]) -> list[str]:
-        if any(not s for s in value):
-            raise ValueError("stop strings must not be empty")
-        return value
 
     @property
     def greedy(self) -> bool:

@@ -29,12 +29,23 @@ def load_tokenizer(config: EngineConfig, source: str) -> PreTrainedTokenizerBase
 
 
 def render_chat(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool = True
-) -> list[int]:
-    """Token ids of a conversation rendered with the model's own chat template."""
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    add_generation_prompt: bool = True,
+    **template_kwargs,
+) -> str:
+    """A conversation rendered with the model's own chat template, as text (the template adds
+    its own special tokens: encode it with `add_special_tokens=False`)."""
     if not getattr(tokenizer, "chat_template", None):
         raise TokenizerError("this model has no chat template; use completions instead")
-    rendered = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
+    return tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=False, **template_kwargs
     )
-    return list(rendered)
+
+
+def max_token_bytes(tokenizer: PreTrainedTokenizerBase) -> int:
+    """An upper bound on the UTF-8 bytes of any one token's text: the longest vocabulary entry
+    (byte-level BPE spells each byte as one or two bytes of its entry; SentencePiece pieces and
+    byte fallbacks like <0xE3> are at least as long as what they decode to). A text of B bytes
+    therefore has at least B / max_token_bytes tokens, known without tokenizing it."""
+    return max(len(token.encode()) for token in tokenizer.get_vocab())

@@ -157,14 +157,6 @@ class BlockManager:
                     self.free_blocks.move_to_end(block, last=False)
         seq.block_table = []
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached block that no sequence holds (e.g. after weights change)."""
-        for block_hash, block in list(self.cached_blocks.items()):
-            if self.ref_counts[block] == 0:
-                del self.cached_blocks[block_hash]
-                self.block_hashes[block] = None
-                self.free_blocks.move_to_end(block, last=False)
-
     def _needs_copy_on_write(self, seq: Sequence) -> bool:
         idx = seq.num_computed_tokens // self.block_size
         return idx < len(seq.block_table) and self.ref_counts[seq.block_table[idx]] > 1

@@ -41,8 +41,28 @@ def engine(tiny_dir):
 
 
 def blocks_all_free(engine: AsyncLLMEngine) -> bool:
-    load = engine.load()
-    return load["free_blocks"] == load["total_blocks"] and load["num_running"] == 0
+    stats = engine.stats()
+    return stats.free_blocks == stats.total_blocks and stats.num_running == 0
+
+
+class RecordedMetrics:
+    """A metrics sink that keeps what the engine process reported."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, float, dict | None]] = []
+
+    def record(self, name: str, value: float, labels: dict | None = None) -> None:
+        self.records.append((name, value, labels))
+
+    def refresh_gauges(self) -> None:
+        pass
+
+    def finished(self, reason: str) -> int:
+        return sum(
+            1
+            for name, _, labels in self.records
+            if name == "continuum_requests_finished" and labels == {"finish_reason": reason}
+        )
 
 
 def test_concurrent_streams_equal_one_at_a_time(engine):
@@ -84,7 +104,11 @@ def test_stream_interval_coalesces_deltas_without_losing_tokens(tiny_dir, engine
     assert len(outputs) < 40, "no deltas were merged"
 
 
-def test_a_caller_that_leaves_aborts_its_request_and_frees_blocks(engine):
+def test_a_caller_that_leaves_aborts_its_request_and_frees_blocks(tiny_dir):
+    """The engine ends the request as aborted (not by running it to its length)."""
+    metrics = RecordedMetrics()
+    engine = AsyncLLMEngine(engine_config(tiny_dir), metrics)
+
     async def leave_early() -> None:
         params = SamplingParams(max_tokens=200, **GREEDY)
         stream = engine.generate("leaver", list(range(10, 50)), params)
@@ -92,7 +116,32 @@ def test_a_caller_that_leaves_aborts_its_request_and_frees_blocks(engine):
             break
         await stream.aclose()
 
-    asyncio.run(leave_early())
+    try:
+        asyncio.run(leave_early())
+        wait_for(lambda: metrics.finished("abort") == 1, timeout=10)
+        wait_for(lambda: blocks_all_free(engine), timeout=10)
+        assert metrics.finished("length") == 0, "the request ran to its end instead"
+    finally:
+        engine.shutdown()
+
+
+def test_a_duplicate_request_id_is_refused_and_the_first_request_goes_on(engine):
+    params = SamplingParams(max_tokens=30, **GREEDY)
+    expected = asyncio.run(collect(engine, "solo", [4, 5, 6], params)).outputs[0].token_ids
+
+    async def both() -> tuple[RequestOutput, BaseException | None]:
+        first = asyncio.ensure_future(collect(engine, "same-id", [4, 5, 6], params))
+        await asyncio.sleep(0.05)
+        try:
+            await collect(engine, "same-id", [7, 8, 9], params)
+        except ValueError as exc:
+            return await first, exc
+        return await first, None
+
+    first, error = asyncio.run(both())
+    assert error is not None and "already in use" in str(error)
+    assert first.outputs[0].token_ids == expected, "the second request disturbed the first"
+    assert first.finish_reason == "length"
     wait_for(lambda: blocks_all_free(engine), timeout=10)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -13,19 +14,30 @@ from replicas.async_engine import AsyncLLMEngine
 from replicas.config import EngineConfig
 from replicas.engine import LLMEngine
 from replicas.errors import EngineStepError
+from scheduler import QueueFullError
 
 POISON = 4242
 GREEDY = dict(temperature=0, ignore_eos=True)
 FAULTS = Path(__file__).parent / "fault_injection"
 
 
-def run_to_end(engine: LLMEngine) -> dict[str, object]:
-    finals = {}
+@dataclass
+class Outcome:
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+def run_to_end(engine: LLMEngine) -> dict[str, Outcome]:
+    """Each request's tokens and how it ended, from the engine's step outputs."""
+    outcomes: dict[str, Outcome] = {}
     while engine.has_unfinished_requests():
         for output in engine.step():
-            if output.finished:
-                finals[output.request_id] = output
-    return finals
+            outcome = outcomes.setdefault(output.request_id, Outcome())
+            outcome.token_ids += output.token_ids
+            outcome.finish_reason = output.finish_reason
+            outcome.error = output.error
+    return outcomes
 
 
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(tiny_dir, monkeypatch):
@@ -76,7 +88,33 @@ def test_a_failing_step_in_the_engine_process_raises_only_for_its_request(tiny_d
             asyncio.run(generate("poisoned", [POISON, 1, 2]))
         assert len(asyncio.run(generate("healthy", [3, 4, 5]))) == 8
         engine.check_health()
-        load = engine.load()
-        assert load["free_blocks"] == load["total_blocks"]
+        stats = engine.stats()
+        assert stats.free_blocks == stats.total_blocks
     finally:
         engine.shutdown()
+
+
+def test_refused_requests_leave_nothing_behind(tiny_dir):
+    """Requests refused at admission (queue full, too long, bad token ids) hold no entry, no
+    sequence and no block afterwards."""
+    engine = LLMEngine(
+        model=str(tiny_dir), dtype="float32", num_blocks=64, block_size=4, max_waiting_seqs=2
+    )
+    params = SamplingParams(max_tokens=4, **GREEDY)
+    engine.add_request("a", [1, 2, 3], params)
+    engine.add_request("b", [1, 2, 3], params)
+    refused = 0
+    for i in range(100):
+        with pytest.raises(QueueFullError):
+            engine.add_request(f"refused-{i}", [1, 2, 3], params)
+        refused += 1
+    with pytest.raises(ValueError, match="exceeds"):
+        engine.add_request("too-long", [1] * 10, SamplingParams(max_tokens=10_000))
+    with pytest.raises(ValueError, match="token ids"):
+        engine.add_request("bad-ids", [10**9], params)
+    assert refused == 100
+    assert set(engine.requests) == {"a", "b"}, "refused requests stayed registered"
+    assert len(engine._generation_of) == 2
+    run_to_end(engine)
+    assert not engine.requests and not engine._generation_of
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

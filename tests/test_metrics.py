@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
+from cluster.k8s import DASHBOARD
 from replicas import LLM, SamplingParams
-from replicas.metrics import METRICS, PrometheusSink
+from replicas.metrics import METRIC_SPECS, METRICS, MetricSpec, PrometheusSink, index_by_name
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +57,20 @@ def test_gauges_settle_when_idle(engine_run):
 
 
 def test_metric_names_are_prefixed_and_unique():
-    assert all(name.startswith("continuum_") for name in METRICS)
-    assert all(re.fullmatch(r"[a-z0-9_]+", name) for name in METRICS)
+    names = [spec.name for spec in METRIC_SPECS]
+    assert len(names) == len(set(names)), f"a metric is defined twice: {names}"
+    assert all(name.startswith("continuum_") for name in names)
+    assert all(re.fullmatch(r"[a-z0-9_]+", name) for name in names)
+    twice = (MetricSpec("continuum_x", "counter", "x"), MetricSpec("continuum_x", "gauge", "y"))
+    with pytest.raises(ValueError, match="defined twice"):
+        index_by_name(twice)
+
+
+def test_every_counter_exists_at_zero_before_anything_happens():
+    sink = PrometheusSink()
+    assert sink.value("continuum_preemptions") == 0
+    for reason in ("stop", "length", "abort", "error"):
+        assert sink.value("continuum_requests_finished", {"finish_reason": reason}) == 0
 
 
 def test_grafana_dashboard_uses_only_exported_metrics():
@@ -73,7 +85,7 @@ def test_grafana_dashboard_uses_only_exported_metrics():
             "gauge": {base},
             "histogram": {base + "_bucket", base + "_sum", base + "_count"},
         }[spec.kind]
-    dashboard = json.loads(Path("k8s/grafana-dashboard.json").read_text())
+    dashboard = json.loads(DASHBOARD.read_text())
     expressions = [
         target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])
     ]

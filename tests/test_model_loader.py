@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -92,3 +93,35 @@ def test_cli_reports_invalid_settings():
         timeout=300,
     )
     assert result.returncode != 0 and "block_size" in result.stderr
+
+
+def test_processes_converting_the_same_gguf_at_once_convert_it_once(tmp_path):
+    """A cold `serve run` starts the ingress and every replica at once: one converts, the rest
+    wait for it and reuse its result."""
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"not really a model")
+    cache, log = tmp_path / "cache", tmp_path / "conversions.log"
+    script = f"""
+import time
+from pathlib import Path
+from pathlib import Path
+import replicas.model_loader as loader
+
+def fake_convert(gguf_path, cache_dir, target):
+    with open({str(log)!r}, "a") as f:
+        f.write("converted\\n")
+    time.sleep(1.0)
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{{}}")
+
+loader._convert = fake_convert
+print(loader.convert_gguf(Path({str(gguf)!r}), Path({str(cache)!r})))
+"""
+    processes = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    targets = {p.communicate(timeout=120)[0].strip() for p in processes}
+    assert all(p.returncode == 0 for p in processes)
+    assert len(targets) == 1 and (Path(targets.pop()) / "config.json").is_file()
+    assert log.read_text().count("converted") == 1, "the GGUF was converted more than once"

@@ -308,30 +308,30 @@ def check_answer(response: httpx.Response) -> None:
         assert response.json()["choices"], response.text
 
 
-@settings(
-    max_examples=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(
-    path_and_body=st.one_of(
-        st.tuples(st.just("/v1/chat/completions"), chat_bodies),
-        st.tuples(st.just("/v1/completions"), completion_bodies),
+def test_fuzzed_bodies_get_2xx_or_4xx_never_5xx_nor_hang_nor_leave_anything(guarded):
+    @settings(
+        max_examples=60,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
     )
-)
-def test_fuzzed_bodies_get_2xx_or_4xx_never_5xx_or_a_hang(guarded, path_and_body):
-    path, body = path_and_body
-    content = json.dumps(body, allow_nan=True)  # NaN and Infinity too: Python's JSON reads them
-    response = httpx.post(
-        f"{guarded}{path}",
-        content=content,
-        headers={**AUTH, "content-type": "application/json"},
-        timeout=60,
+    @given(
+        path_and_body=st.one_of(
+            st.tuples(st.just("/v1/chat/completions"), chat_bodies),
+            st.tuples(st.just("/v1/completions"), completion_bodies),
+        )
     )
-    check_answer(response)
+    def fuzz(path_and_body):
+        path, body = path_and_body
+        content = json.dumps(body, allow_nan=True)  # NaN and Infinity too: Python's JSON reads them
+        response = httpx.post(
+            f"{guarded}{path}",
+            content=content,
+            headers={**AUTH, "content-type": "application/json"},
+            timeout=60,
+        )
+        check_answer(response)
 
-
-def test_after_the_fuzz_nothing_is_left_in_the_engine(guarded):
+    fuzz()
     wait_for(lambda: idle_replicas("guarded", 1), timeout=30)
 
 
@@ -420,14 +420,38 @@ def engine_processes(app: str) -> dict[int, int]:
     return found
 
 
-def test_a_dead_engine_process_fails_health_and_serve_replaces_the_replica(soak):
+def health(base: str) -> int:
+    return httpx.get(f"{base}/health", timeout=10).status_code
+
+
+def test_a_dead_engine_loses_no_request_and_serve_replaces_its_replica(soak):
+    """Right after one engine process dies, every request still succeeds (the router drops
+    that replica at the first failure, or at its next report, not at Serve's health check);
+    then Serve replaces the replica."""
     engines = engine_processes("soak")
     assert len(engines) == 2, engines
     before = {s["replica"] for s in replica_stats("soak")}
     os.kill(next(iter(engines)), signal.SIGKILL)
+    assert_serves(soak, 20)
+    assert health(soak) == 200
     # check_health fails from now on; Serve stops the replica and starts another.
     wait_for(lambda: len({s["replica"] for s in replica_stats("soak")} - before) == 1, 120)
     wait_for(lambda: idle_replicas("soak", 2), timeout=120)
+    assert_serves(soak)
+
+
+def test_health_is_503_while_no_engine_can_serve(soak):
+    """With every engine dead, /health answers 503 within a report period or two (not after
+    Serve's health checks), and 200 again once Serve has replaced the replicas."""
+    wait_for(lambda: idle_replicas("soak", 2), timeout=120)
+    assert health(soak) == 200
+    for pid in engine_processes("soak"):
+        os.kill(pid, signal.SIGKILL)
+    start = time.monotonic()
+    wait_for(lambda: health(soak) == 503, timeout=10, interval=0.1)
+    print(f"/health said 503 {time.monotonic() - start:.2f}s after the engines died")
+    wait_for(lambda: idle_replicas("soak", 2), timeout=180)
+    wait_for(lambda: health(soak) == 200, timeout=30)
     assert_serves(soak)
 
 

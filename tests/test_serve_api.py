@@ -280,24 +280,77 @@ def test_invalid_requests_get_openai_errors(base_url, path, body, param):
 
 
 def test_prompt_longer_than_context_is_400_and_server_keeps_serving(client):
-    with pytest.raises(BadRequestError, match="maximum model length"):
+    with pytest.raises(BadRequestError, match=r"prompt has \d+ tokens.*at most 1023") as error:
         client.completions.create(model="tiny", prompt="word " * 1100, max_tokens=5)
-    with pytest.raises(BadRequestError):
+    assert error.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(BadRequestError, match="messages"):
         client.chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "x " * 2000}], max_tokens=5
         )
+    with pytest.raises(BadRequestError, match=r"maximum context length is 1024.*at most \d+"):
+        client.completions.create(model="tiny", prompt="word " * 500, max_tokens=800)
     ok = client.completions.create(model="tiny", prompt="still there?", max_tokens=3, **GREEDY)
     assert ok.usage.completion_tokens == 3
     wait_for(all_blocks_free, timeout=30)
 
 
-def test_malformed_json_is_400(base_url):
+def test_malformed_json_is_400_saying_where(base_url):
     response = httpx.post(
         f"{base_url}/v1/chat/completions",
         content=b"{not json",
         headers={"content-type": "application/json"},
     )
-    assert response.status_code == 400 and "error" in response.json()
+    assert response.status_code == 400
+    assert "not valid JSON" in response.json()["error"]["message"]
+
+
+def test_fields_common_clients_send_are_accepted(client):
+    """`user`, `store`, `metadata`, `service_tier` change nothing here and are accepted;
+    `name` and `reasoning_effort` reach the chat template."""
+    response = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hi", "name": "ada"}],
+        max_tokens=2,
+        user="u-1",
+        store=False,
+        metadata={"team": "a"},
+        service_tier="auto",
+        reasoning_effort="low",
+        **GREEDY,
+    )
+    assert response.usage.completion_tokens == 2
+
+
+def test_images_are_refused_saying_what_to_change(base_url):
+    parts = [{"type": "text", "text": "what is it?"}, {"type": "image_url", "image_url": {}}]
+    response = httpx.post(
+        f"{base_url}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": parts}], "max_tokens": 2},
+    )
+    assert response.status_code == 400
+    assert "image_url" in response.json()["error"]["message"]
+
+
+def test_duplicate_request_ids_neither_hang_nor_disturb_each_other(base_url):
+    """X-Request-ID names responses and logs only: two requests sending the same one both run
+    to their end at once (not until a deadline), with their own tokens."""
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as http:
+            body = {"prompt": "same id", "max_tokens": 20, "ignore_eos": True, "temperature": 0}
+            headers = {"X-Request-ID": "dup-1"}
+            return await asyncio.gather(
+                *(
+                    http.post(f"{base_url}/v1/completions", json=body, headers=headers)
+                    for _ in range(3)
+                )
+            )
+
+    responses = asyncio.run(asyncio.wait_for(run(), timeout=60))
+    assert [r.status_code for r in responses] == [200, 200, 200], [r.text for r in responses]
+    assert all(r.json()["usage"]["completion_tokens"] == 20 for r in responses)
+    assert len({r.json()["choices"][0]["text"] for r in responses}) == 1
+    assert all(r.json()["id"] == "cmpl-dup-1" for r in responses)
 
 
 def test_request_id_header_and_structured_logs(base_url):
