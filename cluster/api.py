@@ -297,9 +297,9 @@ class OpenAIIngress:
         `deadline`, the request is cancelled (its blocks freed) and the client gets a 408."""
         for attempt in range(START_ATTEMPTS):
             request = GenerateRequest(self.engine_request_id(), prompt, params, log_id)
-            response: DeploymentResponseGenerator = self.llm.options(stream=True).generate.remote(
-                request
-            )
+            response: DeploymentResponseGenerator = self.llm.options(
+                stream=True, _by_reference=False
+            ).generate.remote(request)
             try:
                 async with asyncio.timeout_at(deadline):
                     first = decode_delta(await response.__anext__())

@@ -134,8 +134,7 @@ async def slot(url: str, body_for: callable, tally: Tally, stop: asyncio.Event) 
             reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 80)
         body = body_for()
         request = (
-            f"POST {path} HTTP/1.1\r\n{headers}Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
+            f"POST {path} HTTP/1.1\r\n{headers}Content-Length: {len(body)}\r\n\r\n".encode() + body
         )
         try:
             reusable = await one_stream(reader, writer, request, tally)
@@ -151,12 +150,29 @@ async def slot(url: str, body_for: callable, tally: Tally, stop: asyncio.Event) 
         writer.close()
 
 
+def engines_generated(app: str) -> int | None:
+    """Tokens the app's engines have generated so far (from their routing stats), or None when
+    this process cannot reach the Ray cluster."""
+    try:
+        import ray
+
+        from cluster.status import replica_stats
+
+        if not ray.is_initialized():
+            ray.init(address="auto", namespace="serve", log_to_driver=False)
+        return sum(s.get("tokens_generated", 0) for s in replica_stats(app))
+    except Exception:
+        return None
+
+
 @dataclass
 class CapacityResult:
     concurrency: int
     seconds: float
+    engine_tokens_per_s: float | None  # what the engines generated in the window
     delivered_tokens: int
     delivered_tokens_per_s: float
+    delivered_fraction: float | None  # of the engines' tokens, delivered to clients
     requests_completed: int
     errors: int
     ttft_p50_ms: float | None
@@ -175,6 +191,7 @@ async def measure(
     output_tokens: int,
     warmup_s: float,
     duration_s: float,
+    app: str = "continuum",
     seed: int = 0,
 ) -> CapacityResult:
     rng = random.Random(seed)
@@ -192,11 +209,16 @@ async def measure(
     await asyncio.sleep(warmup_s)
     roles = process_roles()
     roles[os.getpid()] = "client"
+    engine_before = engines_generated(app)
     cpu_before, tokens_before, done_before = cpu_seconds(roles), tally.tokens, tally.completed
     ttfts_before, start = len(tally.ttfts), time.perf_counter()
     await asyncio.sleep(duration_s)
     elapsed = time.perf_counter() - start
     cpu_after, tokens = cpu_seconds(roles), tally.tokens - tokens_before
+    engine_after = engines_generated(app)
+    engine_rate = None
+    if engine_before is not None and engine_after is not None:
+        engine_rate = round((engine_after - engine_before) / elapsed, 1)
     stop.set()
     for task in tasks:
         task.cancel()
@@ -211,8 +233,10 @@ async def measure(
     return CapacityResult(
         concurrency=concurrency,
         seconds=round(elapsed, 2),
+        engine_tokens_per_s=engine_rate,
         delivered_tokens=tokens,
         delivered_tokens_per_s=round(tokens / elapsed, 1),
+        delivered_fraction=round(tokens / elapsed / engine_rate, 3) if engine_rate else None,
         requests_completed=tally.completed - done_before,
         errors=tally.errors,
         ttft_p50_ms=percentile(0.5),
@@ -237,9 +261,7 @@ def run_capacity(
 ) -> list[dict]:
     return [
         asdict(
-            asyncio.run(
-                measure(url, model, c, prompt_tokens, output_tokens, warmup_s, duration_s)
-            )
+            asyncio.run(measure(url, model, c, prompt_tokens, output_tokens, warmup_s, duration_s))
         )
         for c in concurrencies
     ]

@@ -87,7 +87,7 @@ class AsyncLLMEngine:
     def __init__(self, config: EngineConfig, metrics: RaySink | None = None) -> None:
         """Start the engine process and wait until its model is loaded (raises if it fails)."""
         self.metrics = metrics
-        self.stream_interval_s = config.stream_interval_ms / 1000
+        self.messages_per_s = config.stream_messages_per_s
         conn, child_conn = Pipe()
         self._process = subprocess.Popen(
             [sys.executable, "-m", "replicas.engine_core", str(child_conn.fileno())],
@@ -142,9 +142,11 @@ class AsyncLLMEngine:
             await asyncio.wrap_future(added)
             last_sent = None
             while True:
-                if self.stream_interval_s and last_sent is not None:
-                    # At most one message per interval: fewer hops through Serve under load.
-                    await asyncio.sleep(last_sent + self.stream_interval_s - stream.loop.time())
+                if self.messages_per_s and last_sent is not None:
+                    # This stream's share of the replica's message budget; what arrives in the
+                    # meantime is merged into one message.
+                    interval = len(self._streams) / self.messages_per_s
+                    await asyncio.sleep(last_sent + interval - stream.loop.time())
                 output = await stream.get()
                 finished = output.finished
                 yield output

@@ -88,10 +88,12 @@ class EngineConfig(BaseModel):
         description="On CPU: decode with the native paged-attention kernel (built on first use) "
         "and prepack bf16/fp16 linear weights for oneDNN.",
     )
-    stream_interval_ms: Annotated[int, Field(ge=0, le=2000)] = Field(
-        0,
-        description="Streaming: send a request's new tokens at most this often (the first at "
-        "once); 0 sends every token. Fewer messages leave more CPU to the engine.",
+    stream_messages_per_s: Annotated[int, Field(ge=0)] = Field(
+        4000,
+        description="Streaming: the most stream messages per second this replica sends, shared "
+        "by its open streams; a stream's new tokens wait (merged) until its share of time has "
+        "passed, so under load a message carries several tokens instead of each token paying "
+        "every hop. The first token always goes at once; 0: every step's tokens at once.",
     )
     seed: int = 0
     synthetic: SyntheticConfig | None = Field(

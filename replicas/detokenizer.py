@@ -25,10 +25,14 @@ class IncrementalDetokenizer:
         include_stop_str_in_output: bool = False,
     ):
         self.tokenizer = tokenizer
-        self.stream = DecodeStream(
-            ids=list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:]),
-            skip_special_tokens=skip_special_tokens,
-        )
+        context = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
+        # DecodeStream seeded with ids whose text ends in an unfinished UTF-8 character hands
+        # that whole text back at the first step, and later steps would turn those prompt
+        # bytes into a U+FFFD of the output: seed it with whole characters only.
+        whole = len(context)
+        while whole and tokenizer.decode(context[:whole]).endswith("\ufffd"):
+            whole -= 1
+        self.stream = DecodeStream(ids=context[:whole], skip_special_tokens=skip_special_tokens)
         self.stop = list(stop)
         self.include_stop = include_stop_str_in_output
         self.hold_back = max((len(s) for s in self.stop), default=1) - 1

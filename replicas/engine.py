@@ -106,6 +106,7 @@ class LLMEngine:
         self.eos_token_ids = self._eos_token_ids()
         self.requests: dict[str, Request] = {}
         self.num_requests_admitted = 0
+        self.num_tokens_generated = 0
         self._generation_of: dict[Sequence, Generation] = {}
 
     def _load_model(self, config: EngineConfig) -> tuple[int, int]:
@@ -253,6 +254,7 @@ class LLMEngine:
             prefix_cache_queries=bm.prefix_cache_queries,
             prefix_cache_hits=bm.prefix_cache_hits,
             requests_admitted=self.num_requests_admitted,
+            tokens_generated=self.num_tokens_generated,
         )
 
     def has_unfinished_requests(self) -> bool:
@@ -331,6 +333,7 @@ class LLMEngine:
         """Append sampled tokens, apply the stop conditions the engine owns (EOS, stop tokens,
         lengths), and return what is new for each generation."""
         now = time.monotonic()
+        self.num_tokens_generated += len(generations)
         self.metrics.tokens_sampled(len(generations))
         for gen, token_id, logprobs in zip(
             generations, sampled.token_ids, sampled.logprobs, strict=True

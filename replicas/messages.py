@@ -49,6 +49,7 @@ class ReplicaStats(msgspec.Struct, kw_only=True):
     prefix_cache_queries: int
     prefix_cache_hits: int
     requests_admitted: int
+    tokens_generated: int  # sampled since the engine started
     engine_alive: bool = True
 
     def as_dict(self) -> dict:

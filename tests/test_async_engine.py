@@ -35,7 +35,7 @@ async def collect(engine: AsyncLLMEngine, request_id: str, prompt, params) -> Re
 
 @pytest.fixture(scope="module")
 def engine(tiny_dir):
-    engine = AsyncLLMEngine(engine_config(tiny_dir))
+    engine = AsyncLLMEngine(engine_config(tiny_dir, stream_messages_per_s=0))
     yield engine
     engine.shutdown()
 
@@ -86,10 +86,10 @@ def test_concurrent_streams_equal_one_at_a_time(engine):
     wait_for(lambda: blocks_all_free(engine), timeout=10)
 
 
-def test_stream_interval_coalesces_deltas_without_losing_tokens(tiny_dir, engine):
+def test_a_message_budget_merges_deltas_without_losing_tokens(tiny_dir, engine):
     params = SamplingParams(max_tokens=40, **GREEDY)
     expected = asyncio.run(collect(engine, "plain", [7, 8, 9], params))
-    coalescing = AsyncLLMEngine(engine_config(tiny_dir, stream_interval_ms=50))
+    coalescing = AsyncLLMEngine(engine_config(tiny_dir, stream_messages_per_s=20))
     try:
 
         async def chunks() -> list[RequestOutput]:

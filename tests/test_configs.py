@@ -52,3 +52,12 @@ def test_local_config_serves_on_loopback():
 def test_invalid_app_args_are_refused_before_anything_starts(bad):
     with pytest.raises(ValidationError):
         build_app(bad)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_config_runs_serve_in_the_replicas_own_event_loop(path):
+    """The same Serve settings `python -m cluster serve` uses, for `serve run` and KubeRay."""
+    from cluster.local_server import SERVE_LOOP_ENV
+
+    for application in yaml.safe_load(path.read_text())["applications"]:
+        assert application["runtime_env"]["env_vars"] == SERVE_LOOP_ENV

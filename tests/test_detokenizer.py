@@ -61,3 +61,15 @@ def test_special_tokens_are_skipped(tokenizer):
     for token in tokenizer.encode("hello", add_special_tokens=False) + [eos]:
         detok.update(token)
     assert detok.take_delta(finished=True) == "hello"
+
+
+def test_a_prompt_ending_inside_a_character_does_not_leak_into_the_output(tokenizer):
+    """Token-id prompts can end with half of a UTF-8 character: the output is still only the
+    output's text."""
+    emoji = tokenizer.encode("🎉", add_special_tokens=False)
+    assert len(emoji) > 1, "the test needs a character spread over several tokens"
+    prompt = tokenizer.encode("Say:") + emoji[:-1]
+    detok = IncrementalDetokenizer(tokenizer.backend_tokenizer, prompt)
+    for token in tokenizer.encode(" ok", add_special_tokens=False):
+        detok.update(token)
+    assert detok.take_delta(finished=True) == " ok"

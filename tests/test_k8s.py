@@ -125,6 +125,16 @@ def test_cluster_shape(manifest):
     assert cluster["authOptions"]["mode"] == "token", "an open Ray cluster runs anyone's code"
 
 
+def test_every_ray_pod_runs_serve_in_its_own_event_loop(manifest):
+    from cluster.local_server import SERVE_LOOP_ENV
+
+    cluster = manifest["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]]
+    for template in templates:
+        env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0]["env"]}
+        assert SERVE_LOOP_ENV.items() <= env.items(), env
+
+
 def test_kuberay_owns_the_probes(manifest):
     """KubeRay submits serveConfigV2 only once the head pod is ready, so a head probe that waits
     for Serve keeps it unready forever; the workers keep the probe KubeRay injects."""
