@@ -3,14 +3,25 @@
 The engine owns request state (sampling parameters, detokenizers, generators); the scheduler owns
 sequences and the block manager owns KV blocks. A request with `n > 1` prefills once and forks its
 sequence into `n` when the first tokens are sampled, sharing the prompt's blocks.
+
+Structured outputs: each constrained generation has an llguidance matcher that has consumed its
+output tokens. A step starts the masks of its constrained rows on a thread before the forward
+(their tokens are known once the step is scheduled) and joins them before sampling; the sampled
+token advances the matcher, and a grammar that cannot go on ends the generation ("stop").
+Prompt logprobs come from extra logits rows of the prefill's own forward; such a request skips
+the prefix-cache lookup until they are complete (a cached prefix has no logits).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch.profiler import record_function
 
@@ -22,9 +33,17 @@ from replicas.kv_cache import KVCacheShape, PagedKVCache, num_blocks_for_budget
 from replicas.metrics import EngineMetrics, MetricsSink, PrometheusSink
 from replicas.model_loader import load_model
 from replicas.model_runner import ModelRunner
-from replicas.outputs import CompletionOutput, Logprob, RequestOutput
-from replicas.sampler import Sampler, SamplerOutput, SamplingRow, TokenLogprobs
+from replicas.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
+from replicas.sampler import (
+    GrammarMask,
+    Sampler,
+    SamplerOutput,
+    SamplingRow,
+    TokenLogprobs,
+    prompt_logprobs,
+)
 from replicas.sampling_params import OutputKind, SamplingParams
+from replicas.structured_output import GrammarCompiler, GrammarMasks
 from replicas.tokenizer import render_chat
 from scheduler import (
     BlockManager,
@@ -35,6 +54,9 @@ from scheduler import (
     Sequence,
     SequenceStatus,
 )
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +82,7 @@ class Generation:
     stop_reason: str | int | None = None
     num_sent_tokens: int = 0  # output tokens already handed out (OutputKind.DELTA)
     last_token_time: float | None = None
+    matcher: LLMatcher | None = None  # structured outputs: the grammar after the output tokens
 
 
 @dataclass(eq=False)
@@ -72,6 +95,9 @@ class Request:
     generations: list[Generation] = field(default_factory=list)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    # Entry j: prompt token j's logprobs (None for j = 0), filled as its prefill chunks run.
+    prompt_logprobs: PromptLogprobs | None = None
+    prompt_logprobs_sent: bool = False  # OutputKind.DELTA hands them out once
 
     @property
     def finished(self) -> bool:
@@ -142,6 +168,15 @@ class LLMEngine:
         self._generation_of: dict[Sequence, Generation] = {}
         self._token_text: dict[int, str] = {}
 
+    @cached_property
+    def grammars(self) -> GrammarCompiler:
+        """Built on the first structured request (wrapping the vocabulary takes ~1 s)."""
+        return GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
+
+    @cached_property
+    def grammar_masks(self) -> GrammarMasks:
+        return GrammarMasks(self.vocab_size, self.config.max_num_seqs)
+
     # --- requests ---------------------------------------------------------------------------
 
     def tokenize(self, prompt: str) -> list[int]:
@@ -157,7 +192,8 @@ class LLMEngine:
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
     ) -> None:
-        """Queue a request; raises ValueError (e.g. `RequestTooLongError`) if it can never run."""
+        """Queue a request; raises ValueError (e.g. `RequestTooLongError`, `GrammarError`) if it
+        can never run."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -184,10 +220,16 @@ class LLMEngine:
                     f"of {self.max_model_len} tokens"
                 )
         self.scheduler.check_fits(len(token_ids), max_tokens)
+        matcher = None
+        if params.structured_outputs is not None:
+            matcher = self.grammars.compile(params.structured_outputs)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         request = Request(request_id, prompt_text, token_ids, params, arrival)
         seq = Sequence(request_id, list(token_ids), max_tokens, arrival)
-        self._add_generation(request, seq, 0)
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]
+            seq.use_prefix_cache = False
+        self._add_generation(request, seq, 0, matcher)
         self.scheduler.add(seq)
         self.requests[request_id] = request
         self.num_requests_admitted += 1
@@ -220,21 +262,108 @@ class LLMEngine:
 
     def _run(self, batch: ScheduledBatch) -> list[RequestOutput]:
         self._record_first_scheduled(batch)
-        sample_rows = [
+        # Sequences whose last prompt (or recomputed) token is fed now: they sample, unless they
+        # only score their prompt (max_tokens 0).
+        done_rows = [
             i
             for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens, strict=True))
             if seq.num_computed_tokens + n == seq.num_tokens
         ]
-        logits = self.runner.execute(batch, sample_rows)
-        self.scheduler.update_computed(batch)
+        sample_rows = [i for i in done_rows if batch.seqs[i].max_tokens > 0]
         generations = [self._generation_of[batch.seqs[i]] for i in sample_rows]
-        logits, generations = self._fork_first_samples(logits, generations)
+        masks = self._start_grammar_masks(generations)
+        scored, positions = self._prompt_logprob_positions(batch)
+        logits = self.runner.execute(batch, sample_rows, positions)
+        self.scheduler.update_computed(batch)
+        if scored:
+            self._record_prompt_logprobs(scored, logits[len(sample_rows) :])
+        scoring_only = [self._generation_of[batch.seqs[i]] for i in done_rows]
+        scoring_only = [g for g in scoring_only if g.seq.max_tokens == 0]
+        for gen in scoring_only:
+            self._finish(gen, "length")
+        rows, generations = self._fork_first_samples(generations)
+        logits = logits[: len(sample_rows)]
+        if len(rows) != len(sample_rows):
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        grammar = None
+        if masks is not None:
+            grammar = self._join_grammar_masks(masks, rows)
         with record_function("continuum.sample"):
-            sampled = self.sampler(logits, [self._sampling_row(g) for g in generations])
+            sampled = self.sampler(logits, [self._sampling_row(g) for g in generations], grammar)
         with record_function("continuum.outputs"):
-            outputs = self._process_samples(generations, sampled)
+            outputs = self._process_samples(generations, sampled, [g.request for g in scoring_only])
         self.metrics.step(batch.total_tokens, self.scheduler, self.block_manager)
         return outputs
+
+    def _start_grammar_masks(
+        self, generations: list[Generation]
+    ) -> tuple[list[int], Future[torch.Tensor]] | None:
+        """Start filling the masks of the constrained rows; they overlap the forward pass."""
+        constrained = [j for j, g in enumerate(generations) if g.matcher is not None]
+        if not constrained:
+            return None
+        matchers = [generations[j].matcher for j in constrained]
+        return constrained, self.grammar_masks.start(matchers)
+
+    def _join_grammar_masks(
+        self, masks: tuple[list[int], Future[torch.Tensor]], rows: list[int]
+    ) -> GrammarMask:
+        """The masks by sampled row; forks of one prompt (`rows`: their parent row) share one."""
+        constrained, future = masks
+        with record_function("continuum.grammar_wait"):
+            bitmask = future.result()
+        mask_of = {row: k for k, row in enumerate(constrained)}
+        sampled_rows = [e for e, row in enumerate(rows) if row in mask_of]
+        picks = [mask_of[rows[e]] for e in sampled_rows]
+        if picks != list(range(len(constrained))):
+            bitmask = bitmask[torch.tensor(picks)]
+        return GrammarMask(sampled_rows, bitmask)
+
+    def _prompt_logprob_positions(
+        self, batch: ScheduledBatch
+    ) -> tuple[list[tuple[Request, int, int]], np.ndarray | None]:
+        """Where this step's forward must also keep logits for prompt logprobs: per request,
+        (request, first position, count), and those positions in the step's flat tokens.
+        Prompt token j's logprob comes from the logits at position j - 1."""
+        scored: list[tuple[Request, int, int]] = []
+        positions: list[np.ndarray] = []
+        offset = 0
+        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+            request = self._generation_of[seq].request
+            wanted = request.prompt_logprobs
+            if wanted is not None and len(wanted) < seq.num_prompt_tokens:
+                start, first = seq.num_computed_tokens, len(wanted) - 1
+                if first < start:  # the prefix cache is skipped for these: a position was lost
+                    raise RuntimeError(f"prompt logprobs of {request.request_id} lost a position")
+                end = min(start + n, seq.num_prompt_tokens - 1)
+                if end > first:
+                    scored.append((request, first, end - first))
+                    positions.append(offset + np.arange(first - start, end - start))
+            offset += n
+        if not scored:
+            return [], None
+        return scored, np.concatenate(positions)
+
+    def _record_prompt_logprobs(
+        self, scored: list[tuple[Request, int, int]], logits: torch.Tensor
+    ) -> None:
+        next_tokens: list[int] = []
+        num_top: list[int] = []
+        for request, first, count in scored:
+            next_tokens += request.prompt_token_ids[first + 1 : first + 1 + count]
+            num_top += [request.params.prompt_logprobs] * count
+        with record_function("continuum.prompt_logprobs"):
+            entries = prompt_logprobs(logits, next_tokens, num_top)
+        i = 0
+        for request, _, count in scored:
+            for token_id, logprobs in zip(
+                next_tokens[i : i + count], entries[i : i + count], strict=True
+            ):
+                request.prompt_logprobs.append(self._logprob_entry(token_id, logprobs, False))
+            i += count
+            if len(request.prompt_logprobs) == len(request.prompt_token_ids):
+                # Complete: a recompute after preemption may reuse cached blocks again.
+                request.generations[0].seq.use_prefix_cache = True
 
     def _fail(self, batch: ScheduledBatch, error: str) -> list[RequestOutput]:
         """End every request with a sequence in `batch`; their blocks are freed now."""
@@ -243,24 +372,24 @@ class LLMEngine:
             for seq in batch.seqs
             if (gen := self._generation_of.get(seq)) is not None
         }
-        outputs = []
-        for request in failed.values():
-            self._drop(request, "error")
-            outputs.append(
-                RequestOutput(
-                    request_id=request.request_id,
-                    prompt=request.prompt,
-                    prompt_token_ids=request.prompt_token_ids,
-                    outputs=[
-                        CompletionOutput(g.index, "", [], finish_reason="error")
-                        for g in request.generations
-                    ],
-                    finished=True,
-                    error=error,
-                )
-            )
+        outputs = [self._fail_request(request, error) for request in failed.values()]
         self.metrics.gauges(self.scheduler, self.block_manager)
         return outputs
+
+    def _fail_request(self, request: Request, error: str) -> RequestOutput:
+        """End `request` (its blocks are freed now); its output carries `error`."""
+        self._drop(request, "error")
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=[
+                CompletionOutput(g.index, "", [], finish_reason="error")
+                for g in request.generations
+            ],
+            finished=True,
+            error=error,
+        )
 
     def _drop(self, request: Request, reason: str) -> None:
         """Forget `request`, finishing its unfinished sequences (counted under `reason`)."""
@@ -280,11 +409,13 @@ class LLMEngine:
                 self.metrics.first_scheduled(request.arrival_time, now)
 
     def _process_samples(
-        self, generations: list[Generation], sampled: SamplerOutput
+        self, generations: list[Generation], sampled: SamplerOutput, scored: list[Request]
     ) -> list[RequestOutput]:
-        """Append sampled tokens, detokenize, apply stop conditions, and build outputs."""
+        """Append sampled tokens, detokenize, apply stop conditions, and build outputs (also for
+        the `scored` requests, which finished without sampling)."""
         now = time.monotonic()
-        touched: dict[str, Request] = {}
+        touched: dict[str, Request] = {r.request_id: r for r in scored}
+        broken: dict[str, str] = {}
         self.metrics.tokens_sampled(len(generations))
         for gen, token_id, logprobs in zip(
             generations, sampled.token_ids, sampled.logprobs, strict=True
@@ -298,8 +429,13 @@ class LLMEngine:
             gen.last_token_time = now
             self._append_token(gen, token_id, logprobs)
             touched[request.request_id] = request
+            if gen.matcher is not None and gen.matcher.is_error():
+                broken[request.request_id] = f"structured output: {gen.matcher.get_error()}"
         outputs = []
         for request in touched.values():
+            if request.request_id in broken:  # llguidance gave up (a resource limit)
+                outputs.append(self._fail_request(request, broken[request.request_id]))
+                continue
             if output := self._make_output(request):
                 outputs.append(output)
             if request.finished:
@@ -308,7 +444,9 @@ class LLMEngine:
 
     # --- internals --------------------------------------------------------------------------
 
-    def _add_generation(self, request: Request, seq: Sequence, index: int) -> Generation:
+    def _add_generation(
+        self, request: Request, seq: Sequence, index: int, matcher: LLMatcher | None = None
+    ) -> Generation:
         params = request.params
         generator = None
         if params.seed is not None:
@@ -327,16 +465,17 @@ class LLMEngine:
             ),
             generator=generator,
             logprobs=[] if params.logprobs is not None else None,
+            matcher=matcher,
         )
         request.generations.append(gen)
         self._generation_of[seq] = gen
         return gen
 
     def _fork_first_samples(
-        self, logits: torch.Tensor, generations: list[Generation]
-    ) -> tuple[torch.Tensor, list[Generation]]:
-        """For requests with n > 1 whose prompt just finished, fork the other n - 1 generations
-        from the same logits row."""
+        self, generations: list[Generation]
+    ) -> tuple[list[int], list[Generation]]:
+        """For requests with n > 1 whose prompt just finished, fork the other n - 1 generations,
+        which sample from the same logits row: returns each generation's row."""
         rows: list[int] = []
         expanded: list[Generation] = []
         for row, gen in enumerate(generations):
@@ -355,10 +494,9 @@ class LLMEngine:
                 )
                 self.scheduler.add_forked(parent, child)
                 rows.append(row)
-                expanded.append(self._add_generation(request, child, index))
-        if len(rows) == len(generations):
-            return logits, generations
-        return logits[torch.tensor(rows, device=logits.device)], expanded
+                matcher = None if gen.matcher is None else gen.matcher.deep_copy()
+                expanded.append(self._add_generation(request, child, index, matcher))
+        return rows, expanded
 
     def _sampling_row(self, gen: Generation) -> SamplingRow:
         params = gen.request.params
@@ -378,12 +516,16 @@ class LLMEngine:
             gen.logprobs.append(self._logprob_entry(token_id, logprobs))
             gen.cumulative_logprob += logprobs.logprob
         stop_string = gen.detokenizer.update(token_id)
+        if gen.matcher is not None:
+            gen.matcher.consume_token(token_id)  # an error is checked by the caller
         if not params.ignore_eos and token_id in self.eos_token_ids:
             self._finish(gen, "stop")
         elif token_id in params.stop_token_ids:
             self._finish(gen, "stop", token_id)
         elif stop_string is not None:
             self._finish(gen, "stop", stop_string)
+        elif gen.matcher is not None and gen.matcher.is_stopped():  # the grammar is complete
+            self._finish(gen, "stop")
         elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             self._finish(gen, "length")
 
@@ -394,12 +536,16 @@ class LLMEngine:
         del self._generation_of[gen.seq]
         self.metrics.finished(reason, gen.request.arrival_time)
 
-    def _logprob_entry(self, token_id: int, logprobs: TokenLogprobs) -> dict[int, Logprob]:
-        entry = {token_id: Logprob(logprobs.logprob, logprobs.rank, self._decode_token(token_id))}
+    def _logprob_entry(
+        self, token_id: int, logprobs: TokenLogprobs, decode: bool = True
+    ) -> dict[int, Logprob]:
+        """{token: its logprob, then the top alternatives'}; `decode` adds each token's text."""
+        text = self._decode_token if decode else lambda _: None
+        entry = {token_id: Logprob(logprobs.logprob, logprobs.rank, text(token_id))}
         for rank, (tid, lp) in enumerate(
             zip(logprobs.top_ids, logprobs.top_logprobs, strict=True), start=1
         ):
-            entry.setdefault(tid, Logprob(lp, rank, self._decode_token(tid)))
+            entry.setdefault(tid, Logprob(lp, rank, text(tid)))
         return entry
 
     def _decode_token(self, token_id: int) -> str:
@@ -438,6 +584,10 @@ class LLMEngine:
             )
         if not completions:
             return None
+        prompt_logprobs = request.prompt_logprobs
+        if kind is OutputKind.DELTA and prompt_logprobs is not None:
+            prompt_logprobs = None if request.prompt_logprobs_sent else prompt_logprobs
+            request.prompt_logprobs_sent = True
         seq0 = request.generations[0].seq
         return RequestOutput(
             request_id=request.request_id,
@@ -446,6 +596,7 @@ class LLMEngine:
             outputs=completions,
             finished=finished,
             num_cached_tokens=seq0.num_cached_tokens,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _eos_token_ids(self) -> list[int]:

@@ -8,8 +8,12 @@ from dataclasses import dataclass, field
 @dataclass
 class Logprob:
     logprob: float
-    rank: int
-    decoded_token: str
+    rank: int  # 1 = the most likely token
+    decoded_token: str | None = None  # None where the engine hands out ids only (prompt logprobs)
+
+
+# Per prompt token: {its id: its Logprob, and the top alternatives'}; None for the first token.
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
@@ -37,6 +41,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # With `prompt_logprobs`: in every cumulative output, in the first delta (`OutputKind.DELTA`).
+    prompt_logprobs: PromptLogprobs | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None  # the step running this request failed; the request is over
 
@@ -77,6 +83,7 @@ def merge_deltas(first: RequestOutput, then: RequestOutput) -> RequestOutput:
         outputs=[merged[i] for i in sorted(merged)],
         finished=then.finished,
         num_cached_tokens=then.num_cached_tokens,
+        prompt_logprobs=first.prompt_logprobs or then.prompt_logprobs,
         metrics=then.metrics,
         error=then.error,
     )
