@@ -3,6 +3,9 @@
 Both sides get the same seeded chat workload, the same weights, dtype and threads, EOS ignored so
 every request produces exactly its requested tokens. Static batching is the baseline a user gets
 without a serving engine: left-padded batches of 8 that run until their longest request is done.
+
+`--structured` instead measures what structured outputs cost: the same workload unconstrained and
+with every request under one JSON schema, side by side on one engine.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from tqdm.auto import tqdm
 
 from cluster.workloads import BenchRequest
 from replicas import LLMEngine, SamplingParams
-from replicas.sampling_params import OutputKind
+from replicas.sampling_params import OutputKind, StructuredOutputsParams
 
 
 @dataclass
@@ -33,7 +36,41 @@ class RunResult:
         return {**asdict(self), "generated_tokens_per_s": round(self.tokens_per_second, 2)}
 
 
-def run_engine(engine: LLMEngine, workload: list[BenchRequest]) -> RunResult:
+# The structured-output benchmark's schema: records as applications ask for them, with a list
+# too long to finish within any benchmark's max_tokens, so that constrained requests run exactly
+# as many steps as unconstrained ones and the two runs differ only by the grammar's work.
+BENCH_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "people": {
+            "type": "array",
+            "minItems": 1000,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                    "email": {"type": "string"},
+                    "role": {"enum": ["admin", "user", "guest"]},
+                    "tags": {"type": "array", "items": {"type": "string"}},
+                },
+                "required": ["name", "age", "email", "role", "tags"],
+                "additionalProperties": False,
+            },
+        }
+    },
+    "required": ["people"],
+    "additionalProperties": False,
+}
+
+
+def run_engine(
+    engine: LLMEngine,
+    workload: list[BenchRequest],
+    structured: StructuredOutputsParams | None = None,
+    name: str = "continuum",
+) -> RunResult:
+    """Greedy, EOS ignored; with `structured`, every request is constrained by it."""
     start = time.perf_counter()
     for i, request in enumerate(workload):
         params = SamplingParams(
@@ -41,20 +78,45 @@ def run_engine(engine: LLMEngine, workload: list[BenchRequest]) -> RunResult:
             max_tokens=request.max_tokens,
             ignore_eos=True,
             output_kind=OutputKind.FINAL_ONLY,
+            structured_outputs=structured,
         )
         engine.add_request(f"bench-{i}", request.prompt_token_ids, params)
     generated = 0
-    with tqdm(total=len(workload), desc="continuum") as bar:
+    with tqdm(total=len(workload), desc=name) as bar:
         while engine.has_unfinished_requests():
             for output in engine.step():
                 generated += len(output.outputs[0].token_ids)
                 bar.update(1)
     return RunResult(
-        "continuum",
+        name,
         time.perf_counter() - start,
         sum(len(r.prompt_token_ids) for r in workload),
         generated,
     )
+
+
+def structured_overhead(engine: LLMEngine, workload: list[BenchRequest], repeats: int = 2) -> dict:
+    """Tokens/s of `workload` unconstrained and under `BENCH_SCHEMA`, interleaved `repeats`
+    times on one engine (best of each); overhead = 1 - constrained / unconstrained."""
+    spec = StructuredOutputsParams(json=BENCH_SCHEMA)
+    start = time.perf_counter()
+    engine.grammars.compile(spec)  # wraps the vocabulary once (an engine's first grammar)
+    first_compile_s = time.perf_counter() - start
+    plain: list[RunResult] = []
+    constrained: list[RunResult] = []
+    for _ in range(repeats):
+        plain.append(run_engine(engine, workload, None, "unconstrained"))
+        constrained.append(run_engine(engine, workload, spec, "json_schema"))
+    best_plain = max(plain, key=lambda r: r.tokens_per_second)
+    best_constrained = max(constrained, key=lambda r: r.tokens_per_second)
+    ratio = best_constrained.tokens_per_second / best_plain.tokens_per_second
+    return {
+        "results": [r.as_dict() for r in plain + constrained],
+        "unconstrained_tokens_per_s": round(best_plain.tokens_per_second, 2),
+        "json_schema_tokens_per_s": round(best_constrained.tokens_per_second, 2),
+        "overhead_percent": round(100 * (1 - ratio), 2),
+        "first_grammar_compile_s": round(first_compile_s, 3),
+    }
 
 
 @torch.inference_mode()
