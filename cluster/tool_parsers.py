@@ -25,6 +25,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from cluster.protocol import (
+    AssistantMessage,
+    DeltaFunctionCall,
+    DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
+)
+from cluster.protocol import ToolCall as ToolCallModel
 from replicas.sampling_params import StructuredOutputsParams
 
 NAME_KEY = "name"
@@ -63,11 +71,32 @@ class ParsedDelta:
     def __bool__(self) -> bool:
         return bool(self.content or self.tool_calls)
 
+    def message(self) -> DeltaMessage:
+        """As OpenAI streams it (`choices[].delta`)."""
+        calls = [
+            DeltaToolCall(
+                index=d.index,
+                id=d.id,
+                type="function" if d.id else None,
+                function=DeltaFunctionCall(name=d.name, arguments=d.arguments),
+            )
+            for d in self.tool_calls
+        ]
+        return DeltaMessage(content=self.content or None, tool_calls=calls or None)
+
 
 @dataclass
 class ParsedOutput:
     content: str | None  # None when the output is only tool calls
     tool_calls: list[ToolCall]
+
+    def message(self) -> AssistantMessage:
+        """As OpenAI returns it (`choices[].message`)."""
+        calls = [
+            ToolCallModel(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+            for c in self.tool_calls
+        ]
+        return AssistantMessage(content=self.content, tool_calls=calls or None)
 
 
 class _CallScanner:

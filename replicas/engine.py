@@ -182,8 +182,10 @@ class LLMEngine:
     def tokenize(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt)
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        return render_chat(self.tokenizer, messages)
+    def apply_chat_template(
+        self, messages: list[dict], tools: list[dict] | None = None
+    ) -> list[int]:
+        return render_chat(self.tokenizer, messages, tools=tools)
 
     def add_request(
         self,

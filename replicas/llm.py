@@ -44,10 +44,12 @@ class LLM:
         messages: Conversation | Seq[Conversation],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        tools: list[dict] | None = None,
     ) -> list[RequestOutput]:
-        """Like `generate`, for conversations rendered with the model's chat template."""
+        """Like `generate`, for conversations rendered with the model's chat template (with
+        OpenAI-style `tools`, if given)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.engine.apply_chat_template(list(c)) for c in conversations]
+        prompts = [self.engine.apply_chat_template(list(c), tools) for c in conversations]
         return self._run(prompts, sampling_params, use_tqdm)
 
     def _run(
