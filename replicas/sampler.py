@@ -85,23 +85,28 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
 _BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
 
 
-def unpack_token_bitmask(bitmask: torch.Tensor, vocab: int, device: torch.device) -> torch.Tensor:
-    """[rows, vocab] bool (True: allowed) from llguidance's bitmask (bit j of word w is token
-    32w + j), on `device`: numpy unpacks fastest on the CPU, bit shifts on an accelerator."""
+def forbidden_tokens(bitmask: torch.Tensor, vocab: int, device: torch.device) -> torch.Tensor:
+    """[rows, vocab] bool, True where llguidance's bitmask (bit j of word w is token 32w + j)
+    forbids the token, on `device`: numpy unpacks fastest on the CPU, bit shifts elsewhere."""
     if device.type == "cpu":
-        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
+        bits = np.unpackbits(np.invert(bitmask.numpy().view(np.uint8)), axis=1, bitorder="little")
         return torch.from_numpy(bits[:, :vocab].view(np.bool_))
-    shifts = _BIT_SHIFTS.get(device)
+    return forbidden_by_shifts(bitmask.to(device, non_blocking=True), vocab)
+
+
+def forbidden_by_shifts(words: torch.Tensor, vocab: int) -> torch.Tensor:
+    shifts = _BIT_SHIFTS.get(words.device)
     if shifts is None:
-        shifts = _BIT_SHIFTS[device] = torch.arange(32, dtype=torch.int32, device=device)
-    words = bitmask.to(device, non_blocking=True)
-    return ((words[:, :, None] >> shifts) & 1).view(len(words), -1)[:, :vocab].bool()
+        shifts = _BIT_SHIFTS[words.device] = torch.arange(
+            32, dtype=torch.int32, device=words.device
+        )
+    return ((words[:, :, None] >> shifts) & 1).view(len(words), -1)[:, :vocab] == 0
 
 
 def apply_token_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
     """Set to -inf, in place, the logits of tokens a grammar forbids; `bitmask[i]` is for row
     `rows[i]`. Other rows are not touched."""
-    forbidden = ~unpack_token_bitmask(bitmask, logits.shape[1], logits.device)
+    forbidden = forbidden_tokens(bitmask, logits.shape[1], logits.device)
     if rows == list(range(len(logits))):
         logits.masked_fill_(forbidden, float("-inf"))
         return

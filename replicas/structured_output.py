@@ -75,13 +75,16 @@ class GrammarCompiler:
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
-        vocab_size: int,
-        eos_token_ids: list[int],
+        vocab_size: int | None = None,
+        eos_token_ids: list[int] | None = None,
         timeout_s: float = COMPILE_TIMEOUT_S,
     ) -> None:
-        """`vocab_size`: the model's logits width; `eos_token_ids`: what ends a finished grammar."""
+        """`vocab_size`: the model's logits width; `eos_token_ids`: what ends a finished grammar
+        (default: the tokenizer's). The ingress, which only validates, needs neither."""
         self.ll_tokenizer = llguidance.hf.from_tokenizer(
-            tokenizer, n_vocab=max(vocab_size, len(tokenizer)), eos_token=eos_token_ids
+            tokenizer,
+            n_vocab=max(vocab_size or 0, len(tokenizer)),
+            eos_token=eos_token_ids or None,
         )
         self.timeout_s = timeout_s
         self._limits = llguidance.LLParserLimits(**PARSER_LIMITS)

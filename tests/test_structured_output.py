@@ -16,6 +16,7 @@ import pytest
 from pydantic import ValidationError
 
 from replicas import LLM, SamplingParams
+from replicas.sampler import apply_token_bitmask, forbidden_by_shifts, forbidden_tokens
 from replicas.sampling_params import StructuredOutputsParams
 from replicas.structured_output import GrammarCompiler, GrammarError
 
@@ -23,6 +24,29 @@ from replicas.structured_output import GrammarCompiler, GrammarError
 @pytest.fixture(scope="module")
 def llm(tiny_dir):
     return LLM(str(tiny_dir), dtype="float32", block_size=4, max_num_seqs=48)
+
+
+def test_bitmask_unpacking_matches_llguidance():
+    """Our two unpackings (numpy on the CPU, bit shifts on accelerators) against llguidance's
+    reference; only the masked rows change."""
+    import llguidance.numpy
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    vocab = 1000  # not a multiple of 32
+    bitmask = rng.integers(-(2**31), 2**31, size=(3, 32), dtype=np.int32)
+    logits = rng.standard_normal((5, vocab)).astype(np.float32)
+    expected = logits[[1, 4]].copy()
+    llguidance.numpy.apply_token_bitmask_inplace(expected, bitmask[:2])
+    reference = np.isneginf(expected)
+    mask = torch.from_numpy(bitmask[:2])
+    assert (forbidden_tokens(mask, vocab, torch.device("cpu")).numpy() == reference).all()
+    assert (forbidden_by_shifts(mask, vocab).numpy() == reference).all()
+    applied = torch.from_numpy(logits.copy())
+    apply_token_bitmask(applied, [1, 4], mask)
+    assert torch.equal(torch.isneginf(applied[[1, 4]]), torch.from_numpy(reference))
+    assert torch.equal(applied[[0, 2, 3]], torch.from_numpy(logits[[0, 2, 3]]))
 
 
 def random_schema(rng: random.Random, depth: int = 0) -> dict:
@@ -268,7 +292,7 @@ def test_constrained_logprobs_are_of_the_raw_distribution(llm):
 def test_bad_specs_are_refused_with_llguidance_message(llm, tiny_dir):
     from transformers import AutoTokenizer
 
-    compiler = GrammarCompiler(AutoTokenizer.from_pretrained(tiny_dir), 49152, [2])
+    compiler = GrammarCompiler(AutoTokenizer.from_pretrained(tiny_dir))  # as the ingress has it
     bad = {
         "schema type": StructuredOutputsParams(json={"type": "no-such-type"}),
         "schema text": StructuredOutputsParams(json="{not json"),
