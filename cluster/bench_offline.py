@@ -10,6 +10,7 @@ with every request under one JSON schema, side by side on one engine.
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import asdict, dataclass
 
@@ -95,9 +96,13 @@ def run_engine(
     )
 
 
-def structured_overhead(engine: LLMEngine, workload: list[BenchRequest], repeats: int = 2) -> dict:
-    """Tokens/s of `workload` unconstrained and under `BENCH_SCHEMA`, interleaved `repeats`
-    times on one engine (best of each); overhead = 1 - constrained / unconstrained."""
+def structured_overhead(
+    engine: LLMEngine, workload: list[BenchRequest], repeats: int = 2, profile: bool = False
+) -> dict:
+    """Tokens/s of `workload` unconstrained and under `BENCH_SCHEMA`, in `repeats` adjacent
+    pairs on one engine; overhead = 1 - constrained / unconstrained, for the best run of each
+    and as the median over pairs (steadier on a shared machine). `profile`: where each run's
+    time goes, from the engine's profiler ranges."""
     spec = StructuredOutputsParams(json=BENCH_SCHEMA)
     start = time.perf_counter()
     engine.grammars.compile(spec)  # wraps the vocabulary once (an engine's first grammar)
@@ -110,13 +115,41 @@ def structured_overhead(engine: LLMEngine, workload: list[BenchRequest], repeats
     best_plain = max(plain, key=lambda r: r.tokens_per_second)
     best_constrained = max(constrained, key=lambda r: r.tokens_per_second)
     ratio = best_constrained.tokens_per_second / best_plain.tokens_per_second
-    return {
+    pair_ratios = [
+        c.tokens_per_second / p.tokens_per_second for p, c in zip(plain, constrained, strict=True)
+    ]
+    report = {
         "results": [r.as_dict() for r in plain + constrained],
         "unconstrained_tokens_per_s": round(best_plain.tokens_per_second, 2),
         "json_schema_tokens_per_s": round(best_constrained.tokens_per_second, 2),
         "overhead_percent": round(100 * (1 - ratio), 2),
+        "overhead_percent_median_of_pairs": round(100 * (1 - statistics.median(pair_ratios)), 2),
         "first_grammar_compile_s": round(first_compile_s, 3),
     }
+    if profile:
+        report["profile_seconds"] = {
+            "unconstrained": profile_ranges(engine, workload, None),
+            "json_schema": profile_ranges(engine, workload, spec),
+        }
+    return report
+
+
+def profile_ranges(
+    engine: LLMEngine, workload: list[BenchRequest], structured: StructuredOutputsParams | None
+) -> dict[str, float]:
+    """Seconds in each of the engine's `continuum.*` profiler ranges over one run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        run_engine(engine, workload, structured, "profiled")
+        wall = time.perf_counter() - start
+    ranges = {
+        event.key.removeprefix("continuum."): round(event.cpu_time_total / 1e6, 3)
+        for event in prof.key_averages()
+        if event.key.startswith("continuum.")
+    }
+    return {"wall": round(wall, 3), **ranges}
 
 
 @torch.inference_mode()

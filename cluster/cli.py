@@ -166,7 +166,7 @@ def bench_offline(args: argparse.Namespace, seed: int) -> None:
             "workload": workload_summary(workload, args, seed),
             "engine": config.model_dump(mode="json"),
             "threads": torch.get_num_threads(),
-            **structured_overhead(engine, workload, args.repeats),
+            **structured_overhead(engine, workload, args.repeats, args.profile),
         }
         return write_report(report, args.output)
     results = [run_engine(engine, workload)]
