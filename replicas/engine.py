@@ -273,9 +273,14 @@ class LLMEngine:
         ]
         sample_rows = [i for i in done_rows if batch.seqs[i].max_tokens > 0]
         generations = [self._generation_of[batch.seqs[i]] for i in sample_rows]
-        masks = self._start_grammar_masks(generations)
+        pending_masks = self._start_grammar_masks(generations)
         scored, positions = self._prompt_logprob_positions(batch)
         logits = self.runner.execute(batch, sample_rows, positions)
+        masks = None
+        if pending_masks is not None:  # joined before anything touches the matchers (forks copy)
+            constrained, future = pending_masks
+            with record_function("continuum.grammar_wait"):
+                masks = (constrained, future.result())
         self.scheduler.update_computed(batch)
         if scored:
             self._record_prompt_logprobs(scored, logits[len(sample_rows) :])
@@ -287,9 +292,7 @@ class LLMEngine:
         logits = logits[: len(sample_rows)]
         if len(rows) != len(sample_rows):
             logits = logits[torch.tensor(rows, device=logits.device)]
-        grammar = None
-        if masks is not None:
-            grammar = self._join_grammar_masks(masks, rows)
+        grammar = None if masks is None else self._grammar_mask(*masks, rows)
         with record_function("continuum.sample"):
             sampled = self.sampler(logits, [self._sampling_row(g) for g in generations], grammar)
         with record_function("continuum.outputs"):
@@ -307,13 +310,10 @@ class LLMEngine:
         matchers = [generations[j].matcher for j in constrained]
         return constrained, self.grammar_masks.start(matchers)
 
-    def _join_grammar_masks(
-        self, masks: tuple[list[int], Future[torch.Tensor]], rows: list[int]
+    def _grammar_mask(
+        self, constrained: list[int], bitmask: torch.Tensor, rows: list[int]
     ) -> GrammarMask:
         """The masks by sampled row; forks of one prompt (`rows`: their parent row) share one."""
-        constrained, future = masks
-        with record_function("continuum.grammar_wait"):
-            bitmask = future.result()
         mask_of = {row: k for k, row in enumerate(constrained)}
         sampled_rows = [e for e, row in enumerate(rows) if row in mask_of]
         picks = [mask_of[rows[e]] for e in sampled_rows]

@@ -75,12 +75,24 @@ class LLM:
                     self._admit(pending, order)
                     for output in self.engine.step():
                         if output.finished:
+                            self._decode_prompt_logprobs(output)
                             results[order[output.request_id]] = output
                             bar.update(1)
         finally:
             for request_id in order:
                 self.engine.abort_request(request_id)
         return results
+
+    def _decode_prompt_logprobs(self, output: RequestOutput) -> None:
+        """The engine hands out prompt logprobs as ids; offline outputs carry the text too."""
+        entries = [e for e in output.prompt_logprobs or [] if e is not None]
+        if not entries:
+            return
+        ids = sorted({token_id for entry in entries for token_id in entry})
+        texts = dict(zip(ids, self.engine.tokenizer.batch_decode([[i] for i in ids]), strict=True))
+        for entry in entries:
+            for token_id, logprob in entry.items():
+                logprob.decoded_token = texts[token_id]
 
     def _admit(self, pending: deque, order: dict[str, int]) -> None:
         """Queue as many pending prompts as the engine's admission bounds take (an empty queue

@@ -25,7 +25,7 @@ def hf_logprobs(model, token_ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
-def check_prompt_logprobs(output, model, num_top: int) -> None:
+def check_prompt_logprobs(output, model, num_top: int, decode) -> None:
     prompt = output.prompt_token_ids
     entries = output.prompt_logprobs
     assert entries is not None and len(entries) == len(prompt), "one entry per prompt token"
@@ -45,9 +45,13 @@ def check_prompt_logprobs(output, model, num_top: int) -> None:
         assert [lp.rank for lp in top][:num_top] == list(range(1, num_top + 1))
         for tid, lp in entry.items():
             assert abs(lp.logprob - row[tid].item()) < TOLERANCE
-            assert lp.decoded_token is None, "the engine hands out ids; text is made by the API"
+            assert lp.decoded_token == decode(tid), "offline outputs carry each token's text"
         if num_top:
             assert abs(top[0].logprob - row.max().item()) < TOLERANCE
+
+
+def decode_with(llm):
+    return lambda token_id: llm.get_tokenizer().decode([token_id])
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +91,8 @@ def test_equal_hf_with_chunked_prefill_and_prefix_caching(tiny_dir, tiny_model):
     assert scored.num_cached_tokens == 0 and both.num_cached_tokens == 0
     assert regenerated.token_ids == warm.token_ids, "scoring rows changed a neighbour"
     assert regenerated.prompt_logprobs is None
-    check_prompt_logprobs(scored, tiny_model, 3)
-    check_prompt_logprobs(both, tiny_model, 0)
+    check_prompt_logprobs(scored, tiny_model, 3, decode_with(llm))
+    check_prompt_logprobs(both, tiny_model, 0, decode_with(llm))
     assert scored.token_ids == [] and scored.text == "" and scored.finish_reason == "length"
     assert len(both.token_ids) == 5
     bm = llm.engine.block_manager
@@ -109,7 +113,7 @@ def test_preempted_prefills_still_return_every_prompt_logprob(tiny_dir, tiny_mod
     outputs = llm.generate(work, params, use_tqdm=False)
     assert llm.engine.scheduler.num_preemptions > 0, "the config did not force preemption"
     for output in outputs:
-        check_prompt_logprobs(output, tiny_model, 1)
+        check_prompt_logprobs(output, tiny_model, 1, decode_with(llm))
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
 
@@ -125,6 +129,7 @@ def test_streams_carry_prompt_logprobs_once(tiny_dir):
         deltas += engine.step()
     assert len(deltas) == 3
     assert len(deltas[0].prompt_logprobs) == 5
+    assert deltas[0].prompt_logprobs[1][6].decoded_token is None, "the engine hands out ids"
     assert all(d.prompt_logprobs is None for d in deltas[1:])
     assert merge_deltas(deltas[0], deltas[1]).prompt_logprobs == deltas[0].prompt_logprobs
 
@@ -152,4 +157,4 @@ def test_smollm2_prompt_logprobs_equal_hf(smol_dir):
         use_tqdm=False,
     )
     for output in outputs:
-        check_prompt_logprobs(output, model, 2)
+        check_prompt_logprobs(output, model, 2, decode_with(llm))
