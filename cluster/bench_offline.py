@@ -3,10 +3,14 @@
 Both sides get the same seeded chat workload, the same weights, dtype and threads, EOS ignored so
 every request produces exactly its requested tokens. Static batching is the baseline a user gets
 without a serving engine: left-padded batches of 8 that run until their longest request is done.
+
+`--structured` instead measures what structured outputs cost: the same workload unconstrained and
+with every request under one JSON schema, side by side on one engine.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import asdict, dataclass
 
@@ -15,6 +19,7 @@ from tqdm.auto import tqdm
 
 from cluster.workloads import BenchRequest
 from replicas import LLM, SamplingParams
+from replicas.sampling_params import StructuredOutputsParams
 
 
 @dataclass
@@ -32,22 +37,115 @@ class RunResult:
         return {**asdict(self), "generated_tokens_per_s": round(self.tokens_per_second, 2)}
 
 
-def run_engine(llm: LLM, workload: list[BenchRequest]) -> RunResult:
-    """The whole offline path: engine steps and the output processor (text), all requests
-    queued at once."""
+# The structured-output benchmark's schema: records as applications ask for them, with a list
+# too long to finish within any benchmark's max_tokens, so that constrained requests run exactly
+# as many steps as unconstrained ones and the two runs differ only by the grammar's work.
+BENCH_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "people": {
+            "type": "array",
+            "minItems": 1000,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                    "email": {"type": "string"},
+                    "role": {"enum": ["admin", "user", "guest"]},
+                    "tags": {"type": "array", "items": {"type": "string"}},
+                },
+                "required": ["name", "age", "email", "role", "tags"],
+                "additionalProperties": False,
+            },
+        }
+    },
+    "required": ["people"],
+    "additionalProperties": False,
+}
+
+
+def run_engine(
+    llm: LLM,
+    workload: list[BenchRequest],
+    structured: StructuredOutputsParams | None = None,
+    name: str = "continuum",
+) -> RunResult:
+    """The whole offline path (engine steps and the output processor's text), all requests
+    queued at once; greedy, EOS ignored; with `structured`, every request is constrained."""
     start = time.perf_counter()
     params = [
-        SamplingParams(temperature=0, max_tokens=request.max_tokens, ignore_eos=True)
+        SamplingParams(
+            temperature=0,
+            max_tokens=request.max_tokens,
+            ignore_eos=True,
+            structured_outputs=structured,
+        )
         for request in workload
     ]
-    outputs = llm.generate([r.prompt_token_ids for r in workload], params)
-    generated = sum(len(output.token_ids) for output in outputs)
+    outputs = llm.generate([r.prompt_token_ids for r in workload], params, use_tqdm=False)
     return RunResult(
-        "continuum",
+        name,
         time.perf_counter() - start,
         sum(len(r.prompt_token_ids) for r in workload),
-        generated,
+        sum(len(output.token_ids) for output in outputs),
     )
+
+
+def structured_overhead(
+    llm: LLM, workload: list[BenchRequest], repeats: int = 2, profile: bool = False
+) -> dict:
+    """Tokens/s of `workload` unconstrained and under `BENCH_SCHEMA`, in `repeats` adjacent
+    pairs on one engine; overhead = 1 - constrained / unconstrained, for the best run of each
+    and as the median over pairs (steadier on a shared machine). `profile`: where each run's
+    time goes, from the engine's profiler ranges."""
+    spec = StructuredOutputsParams(json=BENCH_SCHEMA)
+    start = time.perf_counter()
+    llm.engine.grammars.compile(spec)  # wraps the vocabulary once (an engine's first grammar)
+    first_compile_s = time.perf_counter() - start
+    plain: list[RunResult] = []
+    constrained: list[RunResult] = []
+    for _ in range(repeats):
+        plain.append(run_engine(llm, workload, None, "unconstrained"))
+        constrained.append(run_engine(llm, workload, spec, "json_schema"))
+    best_plain = max(plain, key=lambda r: r.tokens_per_second)
+    best_constrained = max(constrained, key=lambda r: r.tokens_per_second)
+    ratio = best_constrained.tokens_per_second / best_plain.tokens_per_second
+    pair_ratios = [
+        c.tokens_per_second / p.tokens_per_second for p, c in zip(plain, constrained, strict=True)
+    ]
+    report = {
+        "results": [r.as_dict() for r in plain + constrained],
+        "unconstrained_tokens_per_s": round(best_plain.tokens_per_second, 2),
+        "json_schema_tokens_per_s": round(best_constrained.tokens_per_second, 2),
+        "overhead_percent": round(100 * (1 - ratio), 2),
+        "overhead_percent_median_of_pairs": round(100 * (1 - statistics.median(pair_ratios)), 2),
+        "first_grammar_compile_s": round(first_compile_s, 3),
+    }
+    if profile:
+        report["profile_seconds"] = {
+            "unconstrained": profile_ranges(llm, workload, None),
+            "json_schema": profile_ranges(llm, workload, spec),
+        }
+    return report
+
+
+def profile_ranges(
+    llm: LLM, workload: list[BenchRequest], structured: StructuredOutputsParams | None
+) -> dict[str, float]:
+    """Seconds in each of the engine's `continuum.*` profiler ranges over one run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        run_engine(llm, workload, structured, "profiled")
+        wall = time.perf_counter() - start
+    ranges = {
+        event.key.removeprefix("continuum."): round(event.cpu_time_total / 1e6, 3)
+        for event in prof.key_averages()
+        if event.key.startswith("continuum.")
+    }
+    return {"wall": round(wall, 3), **ranges}
 
 
 @torch.inference_mode()

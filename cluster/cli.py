@@ -164,7 +164,12 @@ def bench_offline(args: argparse.Namespace, seed: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from cluster.bench_offline import profile_engine, run_engine, run_hf_static
+    from cluster.bench_offline import (
+        profile_engine,
+        run_engine,
+        run_hf_static,
+        structured_overhead,
+    )
     from cluster.workloads import make_workload
     from replicas import LLM
     from replicas.model_loader import resolve_dtype, resolve_model_source
@@ -181,6 +186,15 @@ def bench_offline(args: argparse.Namespace, seed: int) -> None:
         tuple(args.output_len),
         seed,
     )
+    if args.structured:
+        report = {
+            "label": args.label or "offline-structured",
+            "workload": workload_summary(workload, args, seed),
+            "engine": config.model_dump(mode="json"),
+            "threads": torch.get_num_threads(),
+            **structured_overhead(llm, workload, args.repeats, args.profile),
+        }
+        return write_report(report, args.output)
     results = [run_engine(llm, workload)]
     if not args.skip_baseline:
         model = AutoModelForCausalLM.from_pretrained(
@@ -312,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--profile", action="store_true", help="offline: run the workload again under the profiler"
     )
+    bench.add_argument(
+        "--structured",
+        action="store_true",
+        help="offline: tokens/s unconstrained vs every request under a JSON schema",
+    )
+    bench.add_argument("--repeats", type=int, default=2, help="offline --structured: runs of each")
     bench.add_argument("--output", help="write the JSON report (with per-request latencies) here")
     add_engine_arguments(bench)
     bench.set_defaults(func=cmd_bench)

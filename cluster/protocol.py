@@ -1,23 +1,24 @@
 """OpenAI-compatible request schemas (responses: cluster/responses.py).
 
-Requests are strict: an unknown field, or a known one we cannot honour (a non-text
-response_format, suffix, ...), is a 400 with OpenAI's error body, never silently ignored. Fields
-that change nothing about the answer are accepted, documented here and logged at debug level
-(`ACCEPTED_WITHOUT_EFFECT`). Beyond OpenAI's fields, the sampling extras vLLM users know are
-accepted (top_k, min_p, ...). Every bound comes from `replicas.sampling_params`.
+Requests are strict: an unknown field, or a known one we cannot honour (suffix, best_of != n,
+...), is a 400 with OpenAI's error body, never silently ignored. Fields that change nothing about
+the answer are accepted, documented here and logged at debug level (`ACCEPTED_WITHOUT_EFFECT`).
+Beyond OpenAI's fields, the sampling extras vLLM users know are accepted (top_k, min_p, ..., and
+`structured_outputs`: {json | json_object | regex | choice | grammar}, vLLM's constrained
+decoding). Every sampling bound comes from `replicas.sampling_params`.
+
+Structured outputs: `response_format` (json_object, json_schema) or `structured_outputs` on
+both endpoints, and on chat `tool_choice` "required" or a named function; each request maps to
+at most one `StructuredOutputsParams` (`structured_outputs_params`), which the ingress compiles
+(`replicas.structured_output.GrammarCompiler`) to refuse a bad one before any replica work.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import json
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from replicas.sampling_params import (
     LogitBias,
@@ -31,20 +32,25 @@ from replicas.sampling_params import (
     SamplingParams,
     Seed,
     StopStrings,
+    StructuredOutputsParams,
     Temperature,
     TokenId,
     TopK,
     TopP,
 )
 
+if TYPE_CHECKING:
+    from cluster.tool_parsers import ToolParser
+
 MAX_PROMPTS = 64  # prompts in one completions request
 # Where a stream reports usage: nowhere, in a last chunk, or in every chunk (and the last).
 UsageMode = Literal["none", "final", "every_chunk"]
 # Fields clients send that change nothing about generation here: accepted, logged at debug.
 #  user: an end-user id for the caller's abuse monitoring; store/metadata: OpenAI's stored
-#  completions (nothing is stored here); service_tier: OpenAI's processing tiers (one tier here);
-#  parallel_tool_calls: only meaningful with tools.
-ACCEPTED_WITHOUT_EFFECT = ("user", "store", "metadata", "service_tier", "parallel_tool_calls")
+#  completions (nothing is stored here); service_tier: OpenAI's processing tiers (one tier here).
+ACCEPTED_WITHOUT_EFFECT = ("user", "store", "metadata", "service_tier")
+MAX_TOOLS = 128  # functions in one chat request (OpenAI's bound)
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function and schema names
 
 
 def _encodable(value: Any) -> bool:
@@ -73,6 +79,39 @@ class StreamOptions(BaseModel):
         return "every_chunk" if self.continuous_usage_stats else "final"
 
 
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`: the schema the output must follow (always enforced, as
+    OpenAI's `strict: true` is)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: Annotated[str, Field(pattern=FUNCTION_NAME)]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('json_schema is given exactly when type is "json_schema"')
+        return self
+
+    def structured_outputs(self) -> StructuredOutputsParams | None:
+        if self.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if self.type == "json_schema":
+            schema = self.json_schema.schema_
+            if schema is None:  # OpenAI allows it: any JSON object
+                return StructuredOutputsParams(json_object=True)
+            return StructuredOutputsParams(json=schema)
+        return None
+
+
 class SamplingFields(BaseModel):
     """Fields shared by completions and chat completions, mapped onto `SamplingParams`."""
 
@@ -89,6 +128,7 @@ class SamplingFields(BaseModel):
     logit_bias: dict[str, LogitBias] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
     user: str | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None
@@ -102,6 +142,14 @@ class SamplingFields(BaseModel):
     stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
+
+    def ignored_fields(self) -> list[str]:
+        """Fields the client set that change nothing here (for a debug log line)."""
+        return [f for f in ACCEPTED_WITHOUT_EFFECT if getattr(self, f, None) is not None]
+
+    def usage_mode(self) -> UsageMode:
+        return "none" if self.stream_options is None else self.stream_options.usage_mode()
 
     @model_validator(mode="before")
     @classmethod
@@ -110,10 +158,6 @@ class SamplingFields(BaseModel):
         if not _encodable(data):
             raise ValueError("strings must be valid Unicode (found a lone surrogate)")
         return data
-
-    def ignored_fields(self) -> list[str]:
-        """Fields the client set that change nothing here (for a debug log line)."""
-        return [f for f in ACCEPTED_WITHOUT_EFFECT if getattr(self, f, None) is not None]
 
     @field_validator("logit_bias")
     @classmethod
@@ -129,10 +173,27 @@ class SamplingFields(BaseModel):
             raise ValueError("stream_options is only allowed with stream: true")
         return self
 
-    def usage_mode(self) -> UsageMode:
-        return "none" if self.stream_options is None else self.stream_options.usage_mode()
+    @model_validator(mode="after")
+    def _one_output_constraint(self):
+        formatted = self.response_format is not None and self.response_format.type != "text"
+        if formatted and self.structured_outputs is not None:
+            raise ValueError("give response_format or structured_outputs, not both")
+        return self
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The constraint on the output, if any (compile it to validate it)."""
+        if self.structured_outputs is not None:
+            return self.structured_outputs
+        return None if self.response_format is None else self.response_format.structured_outputs()
+
+    def sampling_params(
+        self,
+        max_tokens: int | None,
+        logprobs: int | None,
+        structured_outputs: StructuredOutputsParams | None = None,
+    ) -> SamplingParams:
+        """`structured_outputs`: the request's constraint as the caller resolved it (chat's
+        needs the tool parser); by default `structured_outputs_params()`."""
         return SamplingParams(
             n=self.n,
             temperature=self.temperature,
@@ -152,6 +213,7 @@ class SamplingFields(BaseModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            structured_outputs=structured_outputs or self.structured_outputs_params(),
         )
 
 
@@ -217,30 +279,103 @@ def _text_parts_only(parts: object) -> object:
     return parts
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text of an object, as the model wrote it
+
+
+class ToolCall(BaseModel):
+    """A call the assistant made: in responses, and in assistant messages sent back."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
+    """A conversation turn: system/developer/user text, an assistant turn (text and/or
+    `tool_calls`), or a `tool` result answering the call `tool_call_id`."""
+
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextContentPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextContentPart] | None = None
     # Reaches the chat template, which may render it (e.g. to tell speakers apart).
     name: str | None = None
+    tool_calls: Annotated[list[ToolCall], Field(min_length=1)] | None = None
+    tool_call_id: str | None = None
 
     _text_only = field_validator("content", mode="before")(_text_parts_only)
 
-    def as_template_message(self) -> dict[str, str]:
-        """The shape chat templates expect; `developer` is OpenAI's newer name for `system`."""
+    @model_validator(mode="after")
+    def _fields_of_the_role(self):
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ValueError("tool messages (and only they) have a tool_call_id")
+        if self.content is None and self.tool_calls is None:
+            raise ValueError(f"a {self.role} message needs content")
+        return self
+
+    def as_template_message(self) -> dict[str, Any]:
+        """The shape chat templates expect: `developer` is OpenAI's newer name for `system`;
+        call arguments as objects (templates print them with `tojson`)."""
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
-        message = {"role": "system" if self.role == "developer" else self.role, "content": content}
+        message: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": content or "",
+        }
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {
+                        "name": call.function.name,
+                        "arguments": _json_or_text(call.function.arguments),
+                    },
+                }
+                for call in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         if self.name is not None:
             message["name"] = self.name
         return message
 
 
-class ResponseFormat(BaseModel):
+def _json_or_text(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments
+
+
+class FunctionDefinition(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    type: Literal["text"]
+    name: Annotated[str, Field(pattern=FUNCTION_NAME)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None  # calls forced by tool_choice always follow `parameters`
+
+
+class ChatTool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -249,19 +384,65 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
     top_logprobs: NumLogprobs | None = None
-    response_format: ResponseFormat | None = None
+    tools: Annotated[list[ChatTool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     # Passed to the chat template: templates of reasoning models read it, others ignore it.
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
-    # Accepted only when they ask for nothing: tools are not supported.
-    tools: None = None
-    tool_choice: Literal["none"] | None = None
-    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs: true")
         return self
+
+    @model_validator(mode="after")
+    def _tool_choice_needs_tools(self):
+        choice = self.tool_choice
+        if choice not in (None, "none") and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tool function names must be unique")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not in tools")
+        if self.forces_tool_call and super().structured_outputs_params() is not None:
+            raise ValueError("a forced tool call cannot be combined with an output format")
+        return self
+
+    @property
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        """OpenAI's default: "auto" with tools, "none" without."""
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
+    @property
+    def forces_tool_call(self) -> bool:
+        return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as chat templates take them; none when the model may not call any."""
+        if not self.tools or self.effective_tool_choice == "none":
+            return None
+        return [tool.model_dump(exclude_none=True) for tool in self.tools]
+
+    def structured_outputs_params(
+        self, tool_parser: type[ToolParser] | None = None
+    ) -> StructuredOutputsParams | None:
+        """As `SamplingFields`, and a forced tool call (`tool_choice` "required" or named) as
+        the grammar of `tool_parser`'s call format (the model family's)."""
+        if not self.forces_tool_call:
+            return super().structured_outputs_params()
+        if tool_parser is None:
+            raise ValueError("a forced tool call needs the model's tool parser")
+        functions = [tool.function for tool in self.tools]
+        named = self.tool_choice.function.name if self.forces_named_call else None
+        return tool_parser.grammar(functions, named, parallel=self.parallel_tool_calls is not False)
+
+    @property
+    def forces_named_call(self) -> bool:
+        return isinstance(self.tool_choice, NamedToolChoice)
 
     @property
     def requested_max_tokens(self) -> int | None:

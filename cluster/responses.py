@@ -93,9 +93,21 @@ class ChatLogprobs(msgspec.Struct):
     content: list[ChatTokenLogprob]
 
 
-class AssistantMessage(msgspec.Struct):
-    role: str
-    content: str
+class FunctionCall(msgspec.Struct):
+    name: str
+    arguments: str  # JSON text of an object, as the model wrote it
+
+
+class ToolCall(msgspec.Struct, kw_only=True):
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+
+class AssistantMessage(msgspec.Struct, kw_only=True):
+    role: str = "assistant"
+    content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(msgspec.Struct):
@@ -115,9 +127,24 @@ class ChatCompletion(msgspec.Struct):
     usage: Usage
 
 
+class DeltaFunctionCall(msgspec.Struct, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A piece of a streamed call: the first of each call has its id, type and name."""
+
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(msgspec.Struct, omit_defaults=True):
@@ -296,7 +323,7 @@ async def chat_result(
     choices = [
         ChatChoice(
             index=i,
-            message=AssistantMessage("assistant", "".join(texts[i])),
+            message=AssistantMessage(content="".join(texts[i])),
             logprobs=None if top_logprobs is None else ChatLogprobs(logprobs.get(i, [])),
             finish_reason=finals[i].finish_reason,
             stop_reason=finals[i].stop_reason,

@@ -5,14 +5,25 @@ the block manager owns KV blocks. A request with `n > 1` prefills once and forks
 into `n` when the first tokens are sampled, sharing the prompt's blocks. Each step returns only
 what is new, as token ids (`EngineOutput`): text, stop strings and logprob text are made outside
 the compute loop, by `replicas.output_processor` (in the replica process when serving).
+
+Structured outputs: each constrained generation has an llguidance matcher that has consumed its
+output tokens. A step starts the masks of its constrained rows on a thread before the forward
+(their tokens are known once the step is scheduled) and joins them before sampling; the sampled
+token advances the matcher, and a grammar that cannot go on ends the generation ("stop").
+Prompt logprobs come from extra logits rows of the prefill's own forward; such a request skips
+the prefix-cache lookup until they are complete (a cached prefix has no logits).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch.profiler import record_function
 
@@ -24,8 +35,9 @@ from replicas.messages import EngineOutput, ReplicaStats, TokenLogprobs
 from replicas.metrics import EngineMetrics, MetricsSink, PrometheusSink
 from replicas.model_loader import load_model
 from replicas.model_runner import ModelRunner
-from replicas.sampler import Sampler, SamplerOutput, SamplingRow
+from replicas.sampler import GrammarMask, Sampler, SamplerOutput, SamplingRow, prompt_logprobs
 from replicas.sampling_params import SamplingParams
+from replicas.structured_output import GrammarCompiler, GrammarMasks
 from scheduler import (
     BlockManager,
     RequestTooLongError,
@@ -35,6 +47,9 @@ from scheduler import (
     Sequence,
     SequenceStatus,
 )
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +74,7 @@ class Generation:
     finish_reason: str | None = None
     stop_token_id: int | None = None
     last_token_time: float | None = None
+    matcher: LLMatcher | None = None  # structured outputs: the grammar after the output tokens
 
 
 @dataclass(eq=False)
@@ -70,6 +86,10 @@ class Request:
     generations: list[Generation] = field(default_factory=list)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    # Prompt token j's logprobs at index j - 1, filled as its prefill chunks run; handed out once,
+    # with the request's first output.
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs_sent: bool = False
 
     @property
     def finished(self) -> bool:
@@ -108,6 +128,15 @@ class LLMEngine:
         self.num_requests_admitted = 0
         self.num_tokens_generated = 0
         self._generation_of: dict[Sequence, Generation] = {}
+
+    @cached_property
+    def grammars(self) -> GrammarCompiler:
+        """Built on the first structured request (wrapping the vocabulary takes ~1 s)."""
+        return GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
+
+    @cached_property
+    def grammar_masks(self) -> GrammarMasks:
+        return GrammarMasks(self.vocab_size, self.config.max_num_seqs)
 
     def _load_model(self, config: EngineConfig) -> tuple[int, int]:
         """Load the weights, size and allocate the KV cache, build the runner and sampler;
@@ -188,9 +217,9 @@ class LLMEngine:
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
     ) -> None:
-        """Queue a request. Raises ValueError (e.g. `RequestTooLongError`) for one that can never
-        run and `QueueFullError` when the queue is at its bound; a refused request leaves
-        nothing behind."""
+        """Queue a request. Raises ValueError (e.g. `RequestTooLongError`, `GrammarError`) for one
+        that can never run and `QueueFullError` when the queue is at its bound; a refused request
+        leaves nothing behind."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -212,11 +241,18 @@ class LLMEngine:
                     f"the prompt ({len(token_ids)} tokens) fills the maximum model length "
                     f"of {self.max_model_len} tokens"
                 )
+        matcher = None
+        if params.structured_outputs is not None:
+            matcher = self.grammars.compile(params.structured_outputs)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         seq = Sequence(request_id, token_ids, max_tokens)
+        if params.prompt_logprobs is not None:
+            seq.use_prefix_cache = False
         self.scheduler.add(seq)  # raises before anything is registered
         request = Request(request_id, token_ids, params, arrival)
-        self._add_generation(request, seq, 0)
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = []
+        self._add_generation(request, seq, 0, matcher)
         self.requests[request_id] = request
         self.num_requests_admitted += 1
         self.metrics.request_admitted(len(token_ids))
@@ -277,21 +313,105 @@ class LLMEngine:
 
     def _run(self, batch: ScheduledBatch) -> list[EngineOutput]:
         self._record_first_scheduled(batch)
-        sample_rows = [
+        # Sequences whose last prompt (or recomputed) token is fed now: they sample, unless they
+        # only score their prompt (max_tokens 0).
+        done_rows = [
             i
             for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens, strict=True))
             if seq.num_computed_tokens + n == seq.num_tokens
         ]
-        logits = self.runner.execute(batch, sample_rows)
-        self.scheduler.update_computed(batch)
+        sample_rows = [i for i in done_rows if batch.seqs[i].max_tokens > 0]
         generations = [self._generation_of[batch.seqs[i]] for i in sample_rows]
-        logits, generations = self._fork_first_samples(logits, generations)
+        pending_masks = self._start_grammar_masks(generations)
+        scored, positions = self._prompt_logprob_positions(batch)
+        logits = self.runner.execute(batch, sample_rows, positions)
+        masks = None
+        if pending_masks is not None:  # joined before anything touches the matchers (forks copy)
+            constrained, future = pending_masks
+            with record_function("continuum.grammar_wait"):
+                masks = (constrained, future.result())
+        self.scheduler.update_computed(batch)
+        if scored:
+            self._record_prompt_logprobs(scored, logits[len(sample_rows) :])
+        scoring_only = [self._generation_of[batch.seqs[i]] for i in done_rows]
+        scoring_only = [g for g in scoring_only if g.seq.max_tokens == 0]
+        for gen in scoring_only:
+            self._finish(gen, "length")
+        rows, generations = self._fork_first_samples(generations)
+        logits = logits[: len(sample_rows)]
+        if len(rows) != len(sample_rows):
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        grammar = None if masks is None else self._grammar_mask(*masks, rows)
         with record_function("continuum.sample"):
-            sampled = self.sampler(logits, [self._sampling_row(g) for g in generations])
+            sampled = self.sampler(logits, [self._sampling_row(g) for g in generations], grammar)
         with record_function("continuum.outputs"):
-            outputs = self._process_samples(generations, sampled)
+            outputs = self._process_samples(generations, sampled, scoring_only)
         self.metrics.step(batch.total_tokens, self.scheduler, self.block_manager)
         return outputs
+
+    def _start_grammar_masks(
+        self, generations: list[Generation]
+    ) -> tuple[list[int], Future[torch.Tensor]] | None:
+        """Start filling the masks of the constrained rows; they overlap the forward pass."""
+        constrained = [j for j, g in enumerate(generations) if g.matcher is not None]
+        if not constrained:
+            return None
+        matchers = [generations[j].matcher for j in constrained]
+        return constrained, self.grammar_masks.start(matchers)
+
+    def _grammar_mask(
+        self, constrained: list[int], bitmask: torch.Tensor, rows: list[int]
+    ) -> GrammarMask:
+        """The masks by sampled row; forks of one prompt (`rows`: their parent row) share one."""
+        mask_of = {row: k for k, row in enumerate(constrained)}
+        sampled_rows = [e for e, row in enumerate(rows) if row in mask_of]
+        picks = [mask_of[rows[e]] for e in sampled_rows]
+        if picks != list(range(len(constrained))):
+            bitmask = bitmask[torch.tensor(picks)]
+        return GrammarMask(sampled_rows, bitmask)
+
+    def _prompt_logprob_positions(
+        self, batch: ScheduledBatch
+    ) -> tuple[list[tuple[Request, int, int]], np.ndarray | None]:
+        """Where this step's forward must also keep logits for prompt logprobs: per request,
+        (request, first position, count), and those positions in the step's flat tokens.
+        Prompt token j's logprob comes from the logits at position j - 1."""
+        scored: list[tuple[Request, int, int]] = []
+        positions: list[np.ndarray] = []
+        offset = 0
+        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+            request = self._generation_of[seq].request
+            wanted = request.prompt_logprobs
+            if wanted is not None and len(wanted) < seq.num_prompt_tokens - 1:
+                start, first = seq.num_computed_tokens, len(wanted)
+                if first < start:  # the prefix cache is skipped for these: a position was lost
+                    raise RuntimeError(f"prompt logprobs of {request.request_id} lost a position")
+                end = min(start + n, seq.num_prompt_tokens - 1)
+                if end > first:
+                    scored.append((request, first, end - first))
+                    positions.append(offset + np.arange(first - start, end - start))
+            offset += n
+        if not scored:
+            return [], None
+        return scored, np.concatenate(positions)
+
+    def _record_prompt_logprobs(
+        self, scored: list[tuple[Request, int, int]], logits: torch.Tensor
+    ) -> None:
+        next_tokens: list[int] = []
+        num_top: list[int] = []
+        for request, first, count in scored:
+            next_tokens += request.prompt_token_ids[first + 1 : first + 1 + count]
+            num_top += [request.params.prompt_logprobs] * count
+        with record_function("continuum.prompt_logprobs"):
+            entries = prompt_logprobs(logits, next_tokens, num_top)
+        i = 0
+        for request, _, count in scored:
+            request.prompt_logprobs += entries[i : i + count]
+            i += count
+            if len(request.prompt_logprobs) == len(request.prompt_token_ids) - 1:
+                # Complete: a recompute after preemption may reuse cached blocks again.
+                request.generations[0].seq.use_prefix_cache = True
 
     def _fail(self, batch: ScheduledBatch, error: str) -> list[EngineOutput]:
         """End every request with a sequence in `batch`; their blocks are freed now."""
@@ -300,15 +420,17 @@ class LLMEngine:
             for seq in batch.seqs
             if (gen := self._generation_of.get(seq)) is not None
         }
-        outputs = []
-        for request in failed.values():
-            self._drop(request, "error")
-            outputs += [
-                EngineOutput(request.request_id, g.index, [], finish_reason="error", error=error)
-                for g in request.generations
-            ]
+        outputs = [o for request in failed.values() for o in self._fail_request(request, error)]
         self.metrics.gauges(self.scheduler, self.block_manager)
         return outputs
+
+    def _fail_request(self, request: Request, error: str) -> list[EngineOutput]:
+        """End `request` (its blocks are freed now); its outputs carry `error`."""
+        self._drop(request, "error")
+        return [
+            EngineOutput(request.request_id, g.index, [], finish_reason="error", error=error)
+            for g in request.generations
+        ]
 
     def _drop(self, request: Request, reason: str) -> None:
         """Forget `request`, finishing its unfinished sequences (counted under `reason`)."""
@@ -328,13 +450,15 @@ class LLMEngine:
                 self.metrics.first_scheduled(request.arrival_time, now)
 
     def _process_samples(
-        self, generations: list[Generation], sampled: SamplerOutput
+        self, generations: list[Generation], sampled: SamplerOutput, scored: list[Generation]
     ) -> list[EngineOutput]:
         """Append sampled tokens, apply the stop conditions the engine owns (EOS, stop tokens,
-        lengths), and return what is new for each generation."""
+        lengths, a complete grammar), and return what is new for each generation (also for the
+        `scored` ones, which finished without sampling)."""
         now = time.monotonic()
         self.num_tokens_generated += len(generations)
         self.metrics.tokens_sampled(len(generations))
+        broken: dict[str, Request] = {}
         for gen, token_id, logprobs in zip(
             generations, sampled.token_ids, sampled.logprobs, strict=True
         ):
@@ -346,16 +470,26 @@ class LLMEngine:
                 self.metrics.next_token(now - gen.last_token_time)
             gen.last_token_time = now
             self._append_token(gen, token_id, logprobs)
-        outputs = [self._take_output(gen) for gen in generations]
-        for gen in generations:
+            if gen.matcher is not None and gen.matcher.is_error():
+                broken[request.request_id] = request
+        outputs = []
+        for gen in scored + generations:
             request = gen.request
+            if request.request_id in broken:  # llguidance gave up (a resource limit)
+                if request.request_id in self.requests:
+                    error = f"structured output: {gen.matcher.get_error()}"
+                    outputs += self._fail_request(request, error)
+                continue
+            outputs.append(self._take_output(gen))
             if request.finished and request.request_id in self.requests:
                 del self.requests[request.request_id]
         return outputs
 
     # --- internals --------------------------------------------------------------------------
 
-    def _add_generation(self, request: Request, seq: Sequence, index: int) -> Generation:
+    def _add_generation(
+        self, request: Request, seq: Sequence, index: int, matcher: LLMatcher | None = None
+    ) -> Generation:
         params = request.params
         generator = None
         if params.seed is not None:
@@ -367,16 +501,17 @@ class LLMEngine:
             seq=seq,
             generator=generator,
             new_logprobs=[] if params.logprobs is not None else None,
+            matcher=matcher,
         )
         request.generations.append(gen)
         self._generation_of[seq] = gen
         return gen
 
     def _fork_first_samples(
-        self, logits: torch.Tensor, generations: list[Generation]
-    ) -> tuple[torch.Tensor, list[Generation]]:
-        """For requests with n > 1 whose prompt just finished, fork the other n - 1 generations
-        from the same logits row."""
+        self, generations: list[Generation]
+    ) -> tuple[list[int], list[Generation]]:
+        """For requests with n > 1 whose prompt just finished, fork the other n - 1 generations,
+        which sample from the same logits row: returns each generation's row."""
         rows: list[int] = []
         expanded: list[Generation] = []
         for row, gen in enumerate(generations):
@@ -387,15 +522,13 @@ class LLMEngine:
                 continue
             for index in range(1, request.params.n):
                 parent = gen.seq
-                child = Sequence(
-                    f"{parent.seq_id}/{index}", list(parent.token_ids), parent.max_tokens
-                )
+                child_id = f"{parent.seq_id}/{index}"
+                child = Sequence(child_id, list(parent.token_ids), parent.max_tokens)
                 self.scheduler.add_forked(parent, child)
                 rows.append(row)
-                expanded.append(self._add_generation(request, child, index))
-        if len(rows) == len(generations):
-            return logits, generations
-        return logits[torch.tensor(rows, device=logits.device)], expanded
+                matcher = None if gen.matcher is None else gen.matcher.deep_copy()
+                expanded.append(self._add_generation(request, child, index, matcher))
+        return rows, expanded
 
     def _sampling_row(self, gen: Generation) -> SamplingRow:
         params = gen.request.params
@@ -413,10 +546,14 @@ class LLMEngine:
         seq.append_token(token_id)
         if logprobs is not None:
             gen.new_logprobs.append(logprobs)
+        if gen.matcher is not None:
+            gen.matcher.consume_token(token_id)  # an error is checked by the caller
         if not params.ignore_eos and token_id in self.eos_token_ids:
             self._finish(gen, "stop")
         elif token_id in params.stop_token_ids:
             gen.stop_token_id = token_id
+            self._finish(gen, "stop")
+        elif gen.matcher is not None and gen.matcher.is_stopped():  # the grammar is complete
             self._finish(gen, "stop")
         elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             self._finish(gen, "length")
@@ -435,14 +572,23 @@ class LLMEngine:
         logprobs = gen.new_logprobs
         if logprobs is not None:
             gen.new_logprobs = []
+        request = gen.request
+        prompt_logprobs = None
+        if (
+            gen.index == 0
+            and request.prompt_logprobs is not None
+            and not request.prompt_logprobs_sent
+        ):
+            prompt_logprobs, request.prompt_logprobs_sent = request.prompt_logprobs, True
         return EngineOutput(
-            gen.request.request_id,
+            request.request_id,
             gen.index,
             seq.token_ids[start:],
             logprobs=logprobs,
             finish_reason=gen.finish_reason,
             stop_token_id=gen.stop_token_id,
             num_cached_tokens=seq.num_cached_tokens if start == seq.num_prompt_tokens else 0,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _eos_token_ids(self) -> list[int]:

@@ -48,12 +48,14 @@ class LLM:
         messages: Conversation | Seq[Conversation],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        tools: list[dict] | None = None,
     ) -> list[RequestOutput]:
-        """Like `generate`, for conversations rendered with the model's chat template."""
+        """Like `generate`, for conversations rendered with the model's chat template (with
+        OpenAI-style `tools`, if given)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tokenizer = self.engine.tokenizer
         prompts = [
-            tokenizer.encode(render_chat(tokenizer, list(c)), add_special_tokens=False)
+            tokenizer.encode(render_chat(tokenizer, list(c), tools=tools), add_special_tokens=False)
             for c in conversations
         ]
         return self._run(prompts, sampling_params, use_tqdm)

@@ -34,6 +34,8 @@ class EngineOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_token_id: int | None = None  # the stop token that ended it (not EOS)
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    # Prompt token j's logprobs at j - 1 (the first token has none); in the first output only.
+    prompt_logprobs: list[TokenLogprobs] | None = None
     error: str | None = None  # the step running it failed
 
 

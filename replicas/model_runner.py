@@ -1,7 +1,8 @@
 """Turns a scheduled batch into one forward pass over the flat ragged batch and returns logits.
 
 Step tensors are built with numpy over whole arrays (no Python loop per token), and logits are
-computed only for the last token of each sequence that samples (`logits_to_keep`).
+computed only for the last token of each sequence that samples (`logits_to_keep`), plus the prompt
+positions of requests that asked for prompt logprobs.
 """
 
 from __future__ import annotations
@@ -151,13 +152,23 @@ class ModelRunner:
         return inputs, meta
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, sample_rows: list[int]) -> torch.Tensor:
-        """Logits [len(sample_rows), vocab] at the last token of each sequence in `sample_rows`."""
+    def execute(
+        self,
+        batch: ScheduledBatch,
+        sample_rows: list[int],
+        extra_positions: np.ndarray | None = None,
+    ) -> torch.Tensor:
+        """Logits [len(sample_rows), vocab] at the last token of each sequence in `sample_rows`,
+        then one row per `extra_positions` entry (indices into the step's flat tokens; prompt
+        logprobs), all from the same forward pass."""
         with record_function("continuum.prepare"):
             self.kv_cache.copy_blocks(batch.block_copies)
             inputs, meta = self.prepare(batch)
             last_token = inputs.offsets + inputs.lengths - 1
-            keep = self._to_device(last_token[np.asarray(sample_rows, dtype=np.int64)])
+            positions = last_token[np.asarray(sample_rows, dtype=np.int64)]
+            if extra_positions is not None and len(extra_positions):
+                positions = np.concatenate([positions, extra_positions.astype(np.int64)])
+            keep = self._to_device(positions)
         with record_function("continuum.forward"):
             output = self.model(
                 input_ids=self._to_device(inputs.input_ids)[None],

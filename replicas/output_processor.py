@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from replicas.detokenizer import IncrementalDetokenizer
 from replicas.messages import EngineOutput, TokenLogprobs
-from replicas.outputs import CompletionOutput, Logprob, RequestOutput
+from replicas.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
 from replicas.sampling_params import OutputKind, SamplingParams
 
 
@@ -37,6 +37,8 @@ class _RequestText:
     params: SamplingParams
     generations: dict[int, _GenerationText] = field(default_factory=dict)
     num_cached_tokens: int = 0
+    prompt_logprobs: PromptLogprobs | None = None
+    prompt_logprobs_sent: bool = False
     error: str | None = None
 
     @property
@@ -87,6 +89,13 @@ class OutputProcessor:
                 gen = request.generations[output.index] = self._new_generation(request)
                 if output.index == 0:
                     request.num_cached_tokens = output.num_cached_tokens
+            if output.prompt_logprobs is not None:
+                request.prompt_logprobs = [None] + [
+                    self._logprob_entry(token_id, logprobs)
+                    for token_id, logprobs in zip(
+                        request.prompt_token_ids[1:], output.prompt_logprobs, strict=True
+                    )
+                ]
             if gen.finish_reason is not None:  # tokens after a stop string: not the caller's
                 continue
             if output.error is not None:
@@ -162,6 +171,10 @@ class OutputProcessor:
             )
         if not completions:
             return None
+        prompt_logprobs = request.prompt_logprobs
+        if kind is OutputKind.DELTA and prompt_logprobs is not None:
+            prompt_logprobs = None if request.prompt_logprobs_sent else prompt_logprobs
+            request.prompt_logprobs_sent = True
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,
@@ -169,6 +182,7 @@ class OutputProcessor:
             outputs=completions,
             finished=finished,
             num_cached_tokens=request.num_cached_tokens,
+            prompt_logprobs=prompt_logprobs,
             error=request.error,
         )
 

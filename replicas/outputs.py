@@ -16,6 +16,10 @@ class Logprob(msgspec.Struct, array_like=True, gc=False):
     decoded_token: str
 
 
+# Per prompt token: {its id: its Logprob, and the top alternatives'}; None for the first token.
+PromptLogprobs = list[dict[int, Logprob] | None]
+
+
 class CompletionOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     """One of a request's `n` generations: cumulative, or only what is new (`OutputKind.DELTA`)."""
 
@@ -39,6 +43,8 @@ class RequestOutput(msgspec.Struct, omit_defaults=True):
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # With `prompt_logprobs`: in every cumulative output, in the first delta (`OutputKind.DELTA`).
+    prompt_logprobs: PromptLogprobs | None = None
     error: str | None = None  # the step running this request failed; the request is over
 
     # Shortcuts to the first generation, for the common n == 1 case.
@@ -61,6 +67,7 @@ class StreamDelta(msgspec.Struct, array_like=True, omit_defaults=True):
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    prompt_logprobs: PromptLogprobs | None = None  # in the first delta only
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -68,7 +75,11 @@ _delta_decoder = msgspec.msgpack.Decoder(StreamDelta)
 
 
 def encode_delta(output: RequestOutput) -> bytes:
-    return _encoder.encode(StreamDelta(output.outputs, output.finished, output.num_cached_tokens))
+    return _encoder.encode(
+        StreamDelta(
+            output.outputs, output.finished, output.num_cached_tokens, output.prompt_logprobs
+        )
+    )
 
 
 def decode_delta(data: bytes) -> StreamDelta:
@@ -94,5 +105,6 @@ def merge_deltas(pending: RequestOutput, then: RequestOutput) -> RequestOutput:
     pending.outputs.sort(key=lambda c: c.index)
     pending.finished = then.finished
     pending.num_cached_tokens = then.num_cached_tokens
+    pending.prompt_logprobs = pending.prompt_logprobs or then.prompt_logprobs
     pending.error = then.error
     return pending

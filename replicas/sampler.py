@@ -4,6 +4,9 @@ Work is batched over rows and skipped when no row asks for it (penalties, top-k/
 logprobs). Seeded rows draw from their own generator, so a seed gives the same tokens whatever
 else is in the batch. Sampling uses the exponential race (argmax of p / Exp(1)), which is
 equivalent to drawing from p and needs one random draw per row.
+
+Logprobs are always of the model's raw distribution: before penalties, logit bias, banned tokens
+and grammar masks (structured outputs), so they mean the same with or without constraints.
 """
 
 from __future__ import annotations
@@ -24,6 +27,14 @@ class SamplingRow:
     token_ids: list[int]  # prompt + output so far
     num_prompt_tokens: int
     banned_token_ids: list[int] = field(default_factory=list)  # e.g. EOS before min_tokens
+
+
+@dataclass
+class GrammarMask:
+    """Token bitmasks of the rows under a grammar: `bitmask[i]` applies to row `rows[i]`."""
+
+    rows: list[int]
+    bitmask: torch.Tensor  # [len(rows), ceil(vocab / 32)] int32, on the CPU
 
 
 @dataclass
@@ -62,6 +73,38 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     logits -= _column(rows, "presence_penalty", logits.dtype, device)[:, None] * (output_counts > 0)
 
 
+_BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def forbidden_tokens(bitmask: torch.Tensor, vocab: int, device: torch.device) -> torch.Tensor:
+    """[rows, vocab] bool, True where llguidance's bitmask (bit j of word w is token 32w + j)
+    forbids the token, on `device`: numpy unpacks fastest on the CPU, bit shifts elsewhere."""
+    if device.type == "cpu":
+        bits = np.unpackbits(np.invert(bitmask.numpy().view(np.uint8)), axis=1, bitorder="little")
+        return torch.from_numpy(bits[:, :vocab].view(np.bool_))
+    return forbidden_by_shifts(bitmask.to(device, non_blocking=True), vocab)
+
+
+def forbidden_by_shifts(words: torch.Tensor, vocab: int) -> torch.Tensor:
+    shifts = _BIT_SHIFTS.get(words.device)
+    if shifts is None:
+        shifts = _BIT_SHIFTS[words.device] = torch.arange(
+            32, dtype=torch.int32, device=words.device
+        )
+    return ((words[:, :, None] >> shifts) & 1).view(len(words), -1)[:, :vocab] == 0
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
+    """Set to -inf, in place, the logits of tokens a grammar forbids; `bitmask[i]` is for row
+    `rows[i]`. Other rows are not touched."""
+    forbidden = forbidden_tokens(bitmask, logits.shape[1], logits.device)
+    if rows == list(range(len(logits))):
+        logits.masked_fill_(forbidden, float("-inf"))
+        return
+    index = torch.tensor(rows, device=logits.device)
+    logits[index] = logits[index].masked_fill(forbidden, float("-inf"))
+
+
 def apply_top_k_top_p(
     logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 ) -> torch.Tensor:
@@ -83,7 +126,9 @@ class Sampler:
         # Draws for rows without a seed of their own: a seeded engine repeats its runs.
         self.generator = generator
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    def __call__(
+        self, logits: torch.Tensor, rows: list[SamplingRow], grammar: GrammarMask | None = None
+    ) -> SamplerOutput:
         logits = logits.float()
         num_rows = len(rows)
         raw_logprobs = None
@@ -96,6 +141,8 @@ class Sampler:
                 logits[i, row.banned_token_ids] = float("-inf")
         if any(r.params.needs_penalties for r in rows):
             apply_penalties(logits, rows)
+        if grammar is not None and grammar.rows:
+            apply_token_bitmask(logits, grammar.rows, grammar.bitmask)
 
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
@@ -105,7 +152,7 @@ class Sampler:
         token_ids = tokens.tolist()
         logprobs: list[TokenLogprobs | None] = [None] * num_rows
         if raw_logprobs is not None:
-            logprobs = self._logprobs(raw_logprobs, tokens, rows)
+            logprobs = token_logprobs(raw_logprobs, tokens, [r.params.logprobs for r in rows])
         return SamplerOutput(token_ids, logprobs)
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -132,28 +179,40 @@ class Sampler:
                 noise[i].exponential_(generator=row.generator)
         return (probs / noise).argmax(dim=-1)
 
-    def _logprobs(
-        self, raw_logprobs: torch.Tensor, tokens: torch.Tensor, rows: list[SamplingRow]
-    ) -> list[TokenLogprobs | None]:
-        top_n = max(r.params.logprobs or 0 for r in rows)
-        sampled = raw_logprobs.gather(1, tokens[:, None])
-        ranks = (raw_logprobs > sampled).sum(dim=-1) + 1
-        top_values, top_ids = raw_logprobs.topk(top_n, dim=-1) if top_n else (None, None)
-        sampled_l, ranks_l = sampled[:, 0].tolist(), ranks.tolist()
-        top_values_l = top_values.tolist() if top_n else None
-        top_ids_l = top_ids.tolist() if top_n else None
-        out: list[TokenLogprobs | None] = []
-        for i, row in enumerate(rows):
-            n = row.params.logprobs
-            if n is None:
-                out.append(None)
-                continue
-            out.append(
-                TokenLogprobs(
-                    sampled_l[i],
-                    ranks_l[i],
-                    top_ids_l[i][:n] if n else [],
-                    top_values_l[i][:n] if n else [],
-                )
+
+def token_logprobs(
+    logprobs: torch.Tensor, tokens: torch.Tensor, num_top: list[int | None]
+) -> list[TokenLogprobs | None]:
+    """Per row i: the logprob and rank of `tokens[i]` and the `num_top[i]` most likely tokens
+    (None: the row asked for nothing)."""
+    top_n = max((n or 0 for n in num_top), default=0)
+    chosen = logprobs.gather(1, tokens[:, None])
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    top_values, top_ids = logprobs.topk(top_n, dim=-1) if top_n else (None, None)
+    chosen_l, ranks_l = chosen[:, 0].tolist(), ranks.tolist()
+    top_values_l = top_values.tolist() if top_n else None
+    top_ids_l = top_ids.tolist() if top_n else None
+    out: list[TokenLogprobs | None] = []
+    for i, n in enumerate(num_top):
+        if n is None:
+            out.append(None)
+            continue
+        out.append(
+            TokenLogprobs(
+                chosen_l[i],
+                ranks_l[i],
+                top_ids_l[i][:n] if n else [],
+                top_values_l[i][:n] if n else [],
             )
-        return out
+        )
+    return out
+
+
+def prompt_logprobs(
+    logits: torch.Tensor, next_tokens: list[int], num_top: list[int]
+) -> list[TokenLogprobs]:
+    """Row i: the logprob of prompt token `next_tokens[i]` given the logits at the position
+    before it, with its `num_top[i]` most likely alternatives."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    targets = torch.tensor(next_tokens, device=logits.device)
+    return token_logprobs(logprobs, targets, num_top)

@@ -35,11 +35,14 @@ class SyntheticRunner:
     def __init__(self, model: StepTimeModel) -> None:
         self.model = model
 
-    def execute(self, batch: ScheduledBatch, sample_rows: list[int]) -> torch.Tensor:
+    def execute(
+        self, batch: ScheduledBatch, sample_rows: list[int], extra_positions=None
+    ) -> torch.Tensor:
         done_at = time.perf_counter() + self.model.batch_seconds(batch)
         while (left := done_at - time.perf_counter()) > 0:
             time.sleep(left)
-        return torch.empty((len(sample_rows), 0))
+        extra = 0 if extra_positions is None else len(extra_positions)
+        return torch.zeros((len(sample_rows) + extra, 1))
 
 
 class SyntheticSampler:
@@ -54,7 +57,9 @@ class SyntheticSampler:
         self.candidates = [t for t in range(len(tokenizer)) if t not in special]
         self.rng = random.Random(seed)
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    def __call__(
+        self, logits: torch.Tensor, rows: list[SamplingRow], grammar=None
+    ) -> SamplerOutput:
         if self.counting:
             token_ids = [self.digits[(len(r.token_ids) - r.num_prompt_tokens) % 10] for r in rows]
         else:

@@ -71,7 +71,7 @@ class BlockManager:
         At least one token is always left to compute, since the step that samples the next token
         needs the last position's logits.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or not seq.use_prefix_cache:
             return []
         self.update_block_hashes(seq)
         max_blocks = (seq.num_tokens - 1) // self.block_size
@@ -121,7 +121,7 @@ class BlockManager:
         reclaimed = sum(1 for b in prefix_blocks if self.ref_counts[b] == 0)
         if needed > len(self.free_blocks) - reclaimed:
             return False
-        if not seq.block_table and self.enable_prefix_caching:
+        if not seq.block_table and self.enable_prefix_caching and seq.use_prefix_cache:
             self.prefix_cache_queries += seq.num_tokens
             self.prefix_cache_hits += len(prefix_blocks) * self.block_size
         for block in prefix_blocks:

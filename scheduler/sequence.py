@@ -39,6 +39,9 @@ class Sequence:
     # Prompt tokens found in the prefix cache when the sequence was first scheduled.
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    # False: compute the whole prompt, skipping the prefix cache (its logits are wanted, e.g.
+    # prompt logprobs); the sequence's own full blocks are still published for others.
+    use_prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)

@@ -74,3 +74,18 @@ def test_plot_from_result_files(tmp_path):
     out = tmp_path / "plot.png"
     plot_results(files, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_structured_benchmark_runs_the_same_tokens_both_ways(tiny_dir, tokenizer):
+    """The schema never completes within max_tokens: both runs generate every requested token,
+    so they differ only by the grammar's work."""
+    from cluster.bench_offline import structured_overhead
+    from replicas import LLM
+
+    llm = LLM(str(tiny_dir), dtype="float32")
+    workload = make_workload(tokenizer, "random", 3, (30, 60), (20, 40), seed=0)
+    report = structured_overhead(llm, workload, repeats=1)
+    plain, constrained = report["results"]
+    assert plain["generated_tokens"] == constrained["generated_tokens"]
+    assert plain["generated_tokens"] == sum(r.max_tokens for r in workload)
+    assert "overhead_percent_median_of_pairs" in report

@@ -50,10 +50,10 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(tiny_dir, monk
 
     execute = engine.runner.execute
 
-    def failing_execute(batch, sample_rows):
+    def failing_execute(batch, *args):
         if any(POISON in seq.token_ids for seq in batch.seqs):
             raise RuntimeError("injected fault")
-        return execute(batch, sample_rows)
+        return execute(batch, *args)
 
     monkeypatch.setattr(engine.runner, "execute", failing_execute)
     engine.add_request("running", [21, 22, 23], params)

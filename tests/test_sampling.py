@@ -164,7 +164,8 @@ def test_invalid_sampling_params_are_refused():
     for bad in [
         dict(temperature=-1),
         dict(top_p=0),
-        dict(max_tokens=0),
+        dict(max_tokens=-1),
+        dict(max_tokens=0, n=2),  # scoring a prompt is one stream
         dict(n=0),
         dict(logprobs=99),
         dict(stop=[""]),

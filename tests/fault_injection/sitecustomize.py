@@ -15,10 +15,10 @@ POISON = int(os.environ.get("CONTINUUM_FAULT_TOKEN", "-1"))
 def _patch(module) -> None:
     execute = module.ModelRunner.execute
 
-    def failing_execute(self, batch, sample_rows):
+    def failing_execute(self, batch, *args):
         if any(POISON in seq.token_ids for seq in batch.seqs):
             raise RuntimeError("injected fault")
-        return execute(self, batch, sample_rows)
+        return execute(self, batch, *args)
 
     module.ModelRunner.execute = failing_execute
 
