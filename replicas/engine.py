@@ -14,11 +14,17 @@ from dataclasses import dataclass, field
 import torch
 from torch.profiler import record_function
 
+from replicas.attention_backends import select_backend
 from replicas.config import EngineConfig
 from replicas.detokenizer import IncrementalDetokenizer
 from replicas.errors import ModelLoadError
-from replicas.kernels import load_cpu_kernels
-from replicas.kv_cache import KVCacheShape, PagedKVCache, num_blocks_for_budget
+from replicas.kv_cache import (
+    KVCacheShape,
+    PagedKVCache,
+    kv_cache_budget,
+    num_blocks_for_budget,
+    profile_cuda_memory,
+)
 from replicas.metrics import EngineMetrics, MetricsSink, PrometheusSink
 from replicas.model_loader import load_model
 from replicas.model_runner import ModelRunner
@@ -99,29 +105,40 @@ class LLMEngine:
                 f"max_model_len {config.max_model_len} exceeds the model's "
                 f"{model_max_len} positions"
             )
-        self.native_decode = (
-            config.native_kernels and self.device.type == "cpu" and load_cpu_kernels()
+        self.attention, block_size = select_backend(
+            config, self.device, loaded.dtype, self.model.config
         )
         # On CUDA the warmup is the full budget: its peak memory is what the KV cache must leave.
         warmup_tokens = config.max_num_batched_tokens if self.device.type == "cuda" else 16
-        self._warmup(shape, config.block_size, min(warmup_tokens, model_max_len or 1 << 30))
+        warmup_tokens = min(warmup_tokens, model_max_len or 1 << 30)
+        profile = None
+        if self.device.type == "cuda":
+            profile = profile_cuda_memory(
+                lambda: self._warmup(shape, block_size, warmup_tokens), self.device
+            )
+        else:
+            self._warmup(shape, block_size, warmup_tokens)
         num_blocks = config.num_blocks or num_blocks_for_budget(
             shape,
-            config.block_size,
-            self.device,
-            config.kv_cache_memory_gib,
-            config.gpu_memory_utilization,
+            block_size,
+            kv_cache_budget(
+                self.device, config.kv_cache_memory_gib, config.gpu_memory_utilization, profile
+            ),
         )
-        # The native kernel reads only written slots; the torch path also reads padding.
+        use_graphs = self._use_decode_graphs()
+        # Zeroed where a backend reads unwritten (masked) slots, and on GPUs, where it is cheap.
         kv_cache = PagedKVCache(
-            shape, num_blocks, config.block_size, self.device, zeroed=not self.native_decode
+            shape,
+            num_blocks,
+            block_size,
+            self.device,
+            zeroed=self.attention.reads_unwritten_slots or self.device.type != "cpu",
+            scratch_block=use_graphs,
         )
         max_model_len = config.max_model_len or min(
-            model_max_len or 1 << 30, num_blocks * config.block_size
+            model_max_len or 1 << 30, num_blocks * block_size
         )
-        self.block_manager = BlockManager(
-            num_blocks, config.block_size, config.enable_prefix_caching
-        )
+        self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 config.max_num_batched_tokens,
@@ -133,7 +150,9 @@ class LLMEngine:
             self.block_manager,
         )
         self.max_model_len = max_model_len
-        self.runner = ModelRunner(self.model, kv_cache, self.device, self.native_decode)
+        self.runner = ModelRunner(self.model, kv_cache, self.device, self.attention)
+        if use_graphs:
+            self.runner.capture_decode_graphs(config.max_num_seqs, max_model_len)
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
         self.backend_tokenizer = self.tokenizer.backend_tokenizer
         self.eos_token_ids = self._eos_token_ids()
@@ -460,6 +479,19 @@ class LLMEngine:
             ids.add(self.tokenizer.eos_token_id)
         return sorted(ids)
 
+    def _use_decode_graphs(self) -> bool:
+        """CUDA graphs for decode steps: on CUDA, unless `enforce_eager`, with a backend that
+        can run inside one."""
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return False
+        if not self.attention.graph_safe:
+            logger.warning(
+                "decode steps run eagerly: the %s attention backend cannot run in a CUDA graph",
+                getattr(self.attention, "mode", self.attention.name),
+            )
+            return False
+        return True
+
     def _warmup(self, shape: KVCacheShape, block_size: int, num_tokens: int) -> None:
         """Run one full-budget forward on a scratch cache: a self-test of the model under paged
         attention, and on CUDA the peak activation memory the KV-cache budget must leave free."""
@@ -468,7 +500,7 @@ class LLMEngine:
         seq = Sequence("warmup", [0] * num_tokens, max_tokens=1)
         seq.block_table = list(range(num_blocks))
         batch = ScheduledBatch(seqs=[seq], num_tokens=[num_tokens])
-        runner = ModelRunner(self.model, scratch, self.device, self.native_decode)
+        runner = ModelRunner(self.model, scratch, self.device, self.attention)
         try:
             runner.execute(batch, [0])
         except (NotImplementedError, RuntimeError, ValueError) as exc:
