@@ -8,6 +8,7 @@ without a serving engine: left-padded batches of 8 that run until their longest 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -33,7 +34,12 @@ class RunResult:
         return {**asdict(self), "generated_tokens_per_s": round(self.tokens_per_second, 2)}
 
 
-def run_engine(engine: LLMEngine, workload: list[BenchRequest]) -> RunResult:
+def run_engine(
+    engine: LLMEngine,
+    workload: list[BenchRequest],
+    on_step: Callable[[float], None] | None = None,
+) -> RunResult:
+    """Run `workload` to completion; `on_step` gets each step's wall time in seconds."""
     start = time.perf_counter()
     for i, request in enumerate(workload):
         params = SamplingParams(
@@ -46,7 +52,11 @@ def run_engine(engine: LLMEngine, workload: list[BenchRequest]) -> RunResult:
     generated = 0
     with tqdm(total=len(workload), desc="continuum") as bar:
         while engine.has_unfinished_requests():
-            for output in engine.step():
+            step_start = time.perf_counter()
+            outputs = engine.step()
+            if on_step is not None:
+                on_step(time.perf_counter() - step_start)
+            for output in outputs:
                 generated += len(output.outputs[0].token_ids)
                 bar.update(1)
     return RunResult(

@@ -66,9 +66,10 @@ class DecodeGraphs:
     def can_run(self, batch: ScheduledBatch) -> bool:
         return batch.num_decodes == len(batch.seqs) and len(batch.seqs) <= self.sizes[-1]
 
-    def load(self, inputs: StepInputs) -> int:
-        """Copy a decode step into the static buffers, padded; returns the bucket to run."""
-        bucket = choose_bucket(len(inputs.lengths), self.sizes)
+    def load(self, inputs: StepInputs, bucket: int | None = None) -> int:
+        """Copy a decode step into the static buffers, padded to `bucket` rows (default: the
+        smallest graph that holds it); returns the bucket."""
+        bucket = bucket or choose_bucket(len(inputs.lengths), self.sizes)
         if bucket is None:
             raise ValueError(f"{len(inputs.lengths)} sequences exceed the largest decode graph")
         padded = pad_decode_step(
@@ -113,7 +114,7 @@ class DecodeGraphs:
     def capture(self) -> None:
         """Warm up and capture one graph per bucket, largest first, sharing one memory pool."""
         start = time.perf_counter()
-        self.load(_empty_decode_step())  # every row a padded one while capturing
+        self.load(_empty_decode_step(), self.sizes[-1])  # every row a padded one while capturing
         pool = torch.cuda.graph_pool_handle()
         for bucket in reversed(self.sizes):
             # Lazy initialisation (cuBLAS handles, kernel selection) must not happen in capture.

@@ -61,8 +61,8 @@ def make_batch(
     seed: int,
     unwritten: float = float("nan"),
 ) -> RaggedBatch:
-    """Decodes are the sequences with one query, first; `unwritten` fills every slot no token
-    wrote (NaN: a backend that reads one fails loudly)."""
+    """The leading sequences with one query are the decodes (a one-token prefill chunk may come
+    later); `unwritten` fills every slot no token wrote (NaN: reading one fails loudly)."""
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     blocks_per_seq = [-(-c // block_size) for c in context_lens]
@@ -102,9 +102,10 @@ def make_batch(
     key = torch.cat([k[s:] for k, s in zip(logical_k, starts, strict=True)])
     value = torch.cat([v[s:] for v, s in zip(logical_v, starts, strict=True)])
     query = torch.randn(total, kv_heads * groups, head_dim, generator=gen)
+    leading_decodes = len(lengths) if (lengths == 1).all() else int(np.argmin(lengths == 1))
     return RaggedBatch(
         inputs,
-        int((lengths == 1).sum()),
+        leading_decodes,
         block_size,
         query,
         key,

@@ -141,3 +141,16 @@ def test_padded_decode_steps_generate_what_the_eager_path_generates(tiny_llm, ti
     assert tiny_llm.engine.runner.kv_cache.scratch_block == bm.num_blocks, (
         "the scratch block must lie past every block the manager hands out"
     )
+
+
+def test_capture_starts_from_all_rows_padded(tiny_llm):
+    graphs = with_decode_graphs(tiny_llm, max_num_seqs=8)
+    graphs.load(decode_step([5, 9, 2], block_size=4))
+    empty = StepInputs(
+        *(np.zeros(0, np.int64),) * 3, np.zeros((0, 0), np.int64), *(np.zeros(0, np.int64),) * 3
+    )
+    assert graphs.load(empty, bucket=8) == 8
+    scratch = graphs.kv_cache.scratch_block
+    assert graphs.seqused_k.tolist() == [0] * 8
+    assert (graphs.slot_mapping // 4 == scratch).all(), "a padded row must write only scratch"
+    assert (graphs.block_table == scratch).all()
