@@ -64,7 +64,12 @@ class DecodeGraphs:
         self.capture_seconds = 0.0
 
     def can_run(self, batch: ScheduledBatch) -> bool:
-        return batch.num_decodes == len(batch.seqs) and len(batch.seqs) <= self.sizes[-1]
+        """A decode-only step that fits the largest graph and the static block table."""
+        return (
+            batch.num_decodes == len(batch.seqs)
+            and len(batch.seqs) <= self.sizes[-1]
+            and max(len(seq.block_table) for seq in batch.seqs) <= self.table_width
+        )
 
     def load(self, inputs: StepInputs, bucket: int | None = None) -> int:
         """Copy a decode step into the static buffers, padded to `bucket` rows (default: the

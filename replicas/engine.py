@@ -486,8 +486,8 @@ class LLMEngine:
             return False
         if not self.attention.graph_safe:
             logger.warning(
-                "decode steps run eagerly: the %s attention backend cannot run in a CUDA graph",
-                getattr(self.attention, "mode", self.attention.name),
+                "decode steps run eagerly: %s attention cannot run in a CUDA graph",
+                self.attention.label,
             )
             return False
         return True

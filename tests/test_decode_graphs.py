@@ -154,3 +154,23 @@ def test_capture_starts_from_all_rows_padded(tiny_llm):
     assert graphs.seqused_k.tolist() == [0] * 8
     assert (graphs.slot_mapping // 4 == scratch).all(), "a padded row must write only scratch"
     assert (graphs.block_table == scratch).all()
+
+
+def test_only_decode_steps_that_fit_replay_a_graph(tiny_llm):
+    from scheduler import ScheduledBatch, Sequence
+
+    graphs = with_decode_graphs(tiny_llm, max_num_seqs=4)
+
+    def seq(blocks: int) -> Sequence:
+        s = Sequence("s", [1, 2, 3], max_tokens=4)
+        s.block_table = list(range(blocks))
+        return s
+
+    def batch(seqs, num_decodes=None) -> ScheduledBatch:
+        n = len(seqs) if num_decodes is None else num_decodes
+        return ScheduledBatch(seqs=seqs, num_tokens=[1] * len(seqs), num_decodes=n)
+
+    assert graphs.can_run(batch([seq(1), seq(2)]))
+    assert not graphs.can_run(batch([seq(1), seq(2)], num_decodes=1)), "a mixed step"
+    assert not graphs.can_run(batch([seq(1)] * 5)), "more sequences than the largest graph"
+    assert not graphs.can_run(batch([seq(graphs.table_width + 1)])), "a wider block table"

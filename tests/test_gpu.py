@@ -79,7 +79,7 @@ def test_the_engine_runs_the_varlen_backend_with_256_token_blocks(llama_dir):
 def test_varlen_kernel_equals_reference(mode, dtype, window, groups):
     """Random ragged batches: decodes and prefill chunks, blocks out of order with unused ones
     between them, NaN in every slot no token wrote (reading one shows up as NaN)."""
-    from test_attention_backends import make_batch
+    from ragged_batches import make_batch
 
     from replicas.attention_backends import (
         ReferenceBackend,

@@ -79,7 +79,7 @@ def select_backend(
         backend = VarlenBackend(mode, block_size)
         problem = backend.self_test(heads, kv_heads, head_dim, dtype, windows, device)
         if problem is None:
-            logger.info("attention: varlen (%s) with %d-token blocks", mode, block_size)
+            logger.info("attention: %s with %d-token blocks", backend.label, block_size)
             return backend, block_size
         logger.warning("varlen attention (%s) unusable here: %s", mode, problem)
     logger.warning(

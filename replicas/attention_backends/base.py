@@ -49,6 +49,11 @@ class AttentionBackend(ABC):
     # Reads (masked) cache slots that no token wrote, so the cache must start zeroed.
     reads_unwritten_slots: bool = False
 
+    @property
+    def label(self) -> str:
+        """The backend as logs and reports name it."""
+        return self.name
+
     def prepare(self, inputs: StepInputs, num_decodes: int, device: torch.device) -> Any:
         """Per-step host work (masks, gather indices), once per step rather than per layer."""
         return None

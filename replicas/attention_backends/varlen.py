@@ -69,6 +69,10 @@ class VarlenBackend(AttentionBackend):
         self._varlen_attn = varlen_attn
         self._takes_gqa_flag = "enable_gqa" in inspect.signature(varlen_attn).parameters
 
+    @property
+    def label(self) -> str:
+        return f"varlen ({self.mode})"
+
     def prepare(
         self, inputs: StepInputs, num_decodes: int, device: torch.device
     ) -> torch.Tensor | None:
