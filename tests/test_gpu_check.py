@@ -21,7 +21,16 @@ RUN_WITHOUT_RAY = (
 def test_gpu_check_smoke_runs_end_to_end_without_ray(tmp_path):
     report_path = tmp_path / "report.json"
     result = subprocess.run(
-        [sys.executable, "-c", RUN_WITHOUT_RAY, "--smoke", "--output", str(report_path)],
+        [
+            sys.executable,
+            "-c",
+            RUN_WITHOUT_RAY,
+            "--smoke",
+            "--output",
+            str(report_path),
+            "--model-dir",  # a model that fails to load must not stop the run
+            str(tmp_path / "no-such-model"),
+        ],
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         capture_output=True,
@@ -33,7 +42,8 @@ def test_gpu_check_smoke_runs_end_to_end_without_ray(tmp_path):
     assert report["environment"]["torch"] == __import__("torch").__version__
     tests = report["gpu_tests"]
     assert tests["passed"], tests
-    [model] = report["models"]
+    model, missing = report["models"]
+    assert "no-such-model" in missing["error"], missing
     assert model["continuum"]["generated_tokens"] == model["workload"]["output_tokens"]
     assert model["hf_static"]["generated_tokens"] > 0
     assert model["speedup_vs_hf_static"] > 0
