@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PROMPT ?= Explain continuous batching in one paragraph.
 
-.PHONY: install serve generate bench k8s test lint format clean
+.PHONY: install serve generate bench gpu-check k8s test lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ generate: install
 
 bench: install
 	$(BIN)/python -m cluster bench --offline
+
+# The GPU tests and an offline benchmark, needing only torch and transformers (no install, no
+# Ray, no network): run it on the GPU machine itself, e.g. `make gpu-check MODEL_DIR=/models/x`.
+gpu-check:
+	PYTHONPATH=. $(PYTHON) -m cluster.gpu_check --output gpu-check.json \
+		$(if $(MODEL_DIR),--model-dir $(MODEL_DIR)) $(GPU_CHECK_ARGS)
 
 k8s: install
 	$(BIN)/python -m cluster k8s

@@ -92,6 +92,35 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
+async def whole_chat(
+    client: httpx.AsyncClient, base_url: str, model: str, request: BenchRequest, temperature: float
+) -> RequestResult:
+    """A non-streaming chat completion: its first token is its whole answer."""
+    body = {
+        "model": model,
+        "messages": request.messages,
+        "max_tokens": request.max_tokens,
+        "temperature": temperature,
+        "ignore_eos": True,
+    }
+    start = time.perf_counter()
+    result = RequestResult(ok=False, start=start)
+    try:
+        response = await client.post(f"{base_url}/v1/chat/completions", json=body)
+        if response.status_code != 200:
+            result.error = f"HTTP {response.status_code}: {response.text[:200]!r}"
+            return result
+        usage = response.json()["usage"]
+    except (httpx.HTTPError, json.JSONDecodeError, KeyError) as exc:
+        result.error = repr(exc)
+        return result
+    result.e2e = result.ttft = time.perf_counter() - start
+    result.prompt_tokens = usage["prompt_tokens"]
+    result.output_tokens = usage["completion_tokens"]
+    result.ok = True
+    return result
+
+
 async def run_benchmark(
     base_url: str,
     model: str,
@@ -100,6 +129,7 @@ async def run_benchmark(
     request_rate: float | None,
     seed: int,
     temperature: float = 0.0,
+    stream: bool = True,
 ) -> tuple[list[RequestResult], float]:
     """Send the workload; returns per-request results and the wall time."""
     limit = asyncio.Semaphore(concurrency or len(workload))
@@ -110,8 +140,9 @@ async def run_benchmark(
     async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=auth_headers()) as client:
 
         async def one(request: BenchRequest) -> RequestResult:
+            send = stream_chat if stream else whole_chat
             async with limit:
-                result = await stream_chat(client, base_url, model, request, temperature)
+                result = await send(client, base_url, model, request, temperature)
             bar.update(1)
             return result
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -65,14 +67,37 @@ BENCH_SCHEMA = {
 }
 
 
+@contextmanager
+def timed_steps(llm: LLM, on_step: Callable[[float], None] | None) -> Iterator[None]:
+    """Report the wall time of each of `llm`'s steps to `on_step` while in the block."""
+    if on_step is None:
+        yield
+        return
+    step = llm.step
+
+    def timed():
+        start = time.perf_counter()
+        outputs = step()
+        on_step(time.perf_counter() - start)
+        return outputs
+
+    llm.step = timed
+    try:
+        yield
+    finally:
+        del llm.step
+
+
 def run_engine(
     llm: LLM,
     workload: list[BenchRequest],
     structured: StructuredOutputsParams | None = None,
     name: str = "continuum",
+    on_step: Callable[[float], None] | None = None,
 ) -> RunResult:
     """The whole offline path (engine steps and the output processor's text), all requests
-    queued at once; greedy, EOS ignored; with `structured`, every request is constrained."""
+    queued at once; greedy, EOS ignored; with `structured`, every request is constrained;
+    `on_step` gets each step's wall time in seconds."""
     start = time.perf_counter()
     params = [
         SamplingParams(
@@ -83,7 +108,8 @@ def run_engine(
         )
         for request in workload
     ]
-    outputs = llm.generate([r.prompt_token_ids for r in workload], params, use_tqdm=False)
+    with timed_steps(llm, on_step):
+        outputs = llm.generate([r.prompt_token_ids for r in workload], params, use_tqdm=False)
     return RunResult(
         name,
         time.perf_counter() - start,

@@ -121,7 +121,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
         seed,
     )
     results, wall = asyncio.run(
-        run_benchmark(base_url, model, workload, args.concurrency, args.request_rate, seed)
+        run_benchmark(
+            base_url,
+            model,
+            workload,
+            args.concurrency,
+            args.request_rate,
+            seed,
+            stream=not args.no_stream,
+        )
     )
     report = {
         "label": args.label,
@@ -307,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--concurrency", type=int, help="requests in flight at once")
     load.add_argument("--request-rate", type=float, help="Poisson arrivals, requests per second")
     bench.add_argument("--goodput", nargs="+", metavar="SLO", help="e.g. ttft:500 tpot:50 (ms)")
+    bench.add_argument(
+        "--no-stream", action="store_true", help="whole responses instead of streams (HTTP)"
+    )
     bench.add_argument(
         "--capacity",
         type=int,

@@ -91,3 +91,20 @@ def make_workload(
             for i in range(num_requests)
         ]
     raise ValueError(f"unknown workload {kind!r}; choose from {WORKLOADS}")
+
+
+def random_token_workload(
+    vocab_size: int,
+    num_requests: int,
+    prompt_len: tuple[int, int],
+    output_len: tuple[int, int],
+    seed: int,
+) -> list[BenchRequest]:
+    """Prompts of uniformly random token ids, for models without a real tokenizer (a
+    random-weight model built on the spot): lengths drawn like the `random` workload."""
+    rng = random.Random(seed)
+    work = []
+    for _ in range(num_requests):
+        prompt = [rng.randrange(vocab_size) for _ in range(rng.randint(*prompt_len))]
+        work.append(BenchRequest([], prompt, rng.randint(*output_len)))
+    return work

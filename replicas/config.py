@@ -9,6 +9,22 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+AttentionBackendName = Literal["auto", "cpu", "reference", "varlen"]
+
+# Tokens per KV block when `block_size` is not set: small blocks on CPU (finer prefix sharing),
+# 256 on CUDA, the smallest page FlashAttention's paged kernel (behind `varlen_attn`) accepts.
+DEFAULT_BLOCK_SIZE = {"cpu": 16, "cuda": 256}
+VARLEN_BLOCK_MULTIPLE = 256
+
+
+def check_varlen_block_size(block_size: int) -> None:
+    """The varlen backend reads the cache in place through FlashAttention's paged kernel."""
+    if block_size % VARLEN_BLOCK_MULTIPLE:
+        raise ValueError(
+            f"block_size {block_size} does not suit the varlen attention backend (CUDA): "
+            f"FlashAttention's paged kernel needs a multiple of {VARLEN_BLOCK_MULTIPLE}. Leave "
+            "block_size unset (256 on CUDA), or choose attention_backend: reference"
+        )
 
 
 def default_cache_dir() -> Path:
@@ -58,7 +74,23 @@ class EngineConfig(BaseModel):
     revision: str | None = None
     dtype: DType = "auto"
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
-    block_size: Annotated[int, Field(gt=0, le=256)] = 16
+    block_size: Annotated[int, Field(gt=0, le=4096)] | None = Field(
+        None,
+        description="Tokens per KV-cache block. Default: 16 on CPU, 256 on CUDA (the varlen "
+        "backend needs a multiple of 256).",
+    )
+    attention_backend: AttentionBackendName = Field(
+        "auto",
+        description="auto: `cpu` on CPU, `varlen` on CUDA. cpu: native paged decode kernel "
+        "(CPU) or a gathered torch decode, SDPA per prefill chunk. varlen: one FlashAttention "
+        "call per layer over the paged cache (torch.nn.attention.varlen, CUDA, fp16/bf16). "
+        "reference: the pure-torch specification of the varlen contract (slow).",
+    )
+    enforce_eager: bool = Field(
+        False,
+        description="CUDA: run decode steps eagerly instead of replaying CUDA graphs "
+        "(graphs are captured at start-up, one per batch-size bucket).",
+    )
     num_blocks: Annotated[int, Field(gt=0)] | None = Field(
         None, description="KV-cache blocks; overrides kv_cache_memory_gib."
     )
@@ -123,6 +155,8 @@ class EngineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_limits(self) -> EngineConfig:
+        if self.attention_backend == "varlen" and self.block_size is not None:
+            check_varlen_block_size(self.block_size)
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "

@@ -27,10 +27,16 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
-from replicas.config import EngineConfig
+from replicas.attention_backends import select_backend
+from replicas.config import DEFAULT_BLOCK_SIZE, EngineConfig
 from replicas.errors import ModelLoadError
-from replicas.kernels import load_cpu_kernels
-from replicas.kv_cache import KVCacheShape, PagedKVCache, num_blocks_for_budget
+from replicas.kv_cache import (
+    KVCacheShape,
+    PagedKVCache,
+    kv_cache_budget,
+    num_blocks_for_budget,
+    profile_cuda_memory,
+)
 from replicas.messages import EngineOutput, ReplicaStats, TokenLogprobs
 from replicas.metrics import EngineMetrics, MetricsSink, PrometheusSink
 from replicas.model_loader import load_model
@@ -106,12 +112,10 @@ class LLMEngine:
         self.config = config = config or EngineConfig(**overrides)
         self.metrics = EngineMetrics(metrics if metrics is not None else PrometheusSink())
         if config.synthetic is None:
-            num_blocks, max_model_len = self._load_model(config)
+            num_blocks, block_size, max_model_len = self._load_model(config)
         else:
-            num_blocks, max_model_len = self._load_synthetic(config)
-        self.block_manager = BlockManager(
-            num_blocks, config.block_size, config.enable_prefix_caching
-        )
+            num_blocks, block_size, max_model_len = self._load_synthetic(config)
+        self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 config.max_num_batched_tokens,
@@ -138,9 +142,10 @@ class LLMEngine:
     def grammar_masks(self) -> GrammarMasks:
         return GrammarMasks(self.vocab_size, self.config.max_num_seqs)
 
-    def _load_model(self, config: EngineConfig) -> tuple[int, int]:
-        """Load the weights, size and allocate the KV cache, build the runner and sampler;
-        returns the number of KV blocks and the maximum model length."""
+    def _load_model(self, config: EngineConfig) -> tuple[int, int, int]:
+        """Load the weights, pick the attention backend, size and allocate the KV cache, build
+        the runner and sampler; returns the number of KV blocks, the block size and the
+        maximum model length."""
         loaded = load_model(config)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.model_name = loaded.name
@@ -148,31 +153,46 @@ class LLMEngine:
         self.vocab_size = self.model.config.vocab_size
         shape = KVCacheShape.from_model_config(self.model.config, loaded.dtype)
         model_max_len = self._model_max_len(self.model.config)
-        self.native_decode = (
-            config.native_kernels and self.device.type == "cpu" and load_cpu_kernels()
+        self.attention, block_size = select_backend(
+            config, self.device, loaded.dtype, self.model.config
         )
         # On CUDA the warmup is the full budget: its peak memory is what the KV cache must leave.
         warmup_tokens = config.max_num_batched_tokens if self.device.type == "cuda" else 16
-        self._warmup(shape, config.block_size, min(warmup_tokens, model_max_len or 1 << 30))
+        warmup_tokens = min(warmup_tokens, model_max_len or 1 << 30)
+        profile = None
+        if self.device.type == "cuda":
+            profile = profile_cuda_memory(
+                lambda: self._warmup(shape, block_size, warmup_tokens), self.device
+            )
+        else:
+            self._warmup(shape, block_size, warmup_tokens)
         num_blocks = config.num_blocks or num_blocks_for_budget(
             shape,
-            config.block_size,
-            self.device,
-            config.kv_cache_memory_gib,
-            config.gpu_memory_utilization,
+            block_size,
+            kv_cache_budget(
+                self.device, config.kv_cache_memory_gib, config.gpu_memory_utilization, profile
+            ),
         )
-        # The native kernel reads only written slots; the torch path also reads padding.
+        use_graphs = self._use_decode_graphs()
+        # Zeroed where a backend reads unwritten (masked) slots, and on GPUs, where it is cheap.
         kv_cache = PagedKVCache(
-            shape, num_blocks, config.block_size, self.device, zeroed=not self.native_decode
+            shape,
+            num_blocks,
+            block_size,
+            self.device,
+            zeroed=self.attention.reads_unwritten_slots or self.device.type != "cpu",
+            scratch_block=use_graphs,
         )
-        self.runner = ModelRunner(self.model, kv_cache, self.device, self.native_decode)
-        self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
         max_model_len = config.max_model_len or min(
-            model_max_len or 1 << 30, num_blocks * config.block_size
+            model_max_len or 1 << 30, num_blocks * block_size
         )
-        return num_blocks, max_model_len
+        self.runner = ModelRunner(self.model, kv_cache, self.device, self.attention)
+        if use_graphs:
+            self.runner.capture_decode_graphs(config.max_num_seqs, max_model_len)
+        self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
+        return num_blocks, block_size, max_model_len
 
-    def _load_synthetic(self, config: EngineConfig) -> tuple[int, int]:
+    def _load_synthetic(self, config: EngineConfig) -> tuple[int, int, int]:
         """A synthetic model (replicas/synthetic.py): the model's tokenizer and shapes, no
         weights, no KV tensors; the KV blocks are bookkeeping only."""
         from transformers import AutoConfig
@@ -189,17 +209,20 @@ class LLMEngine:
         self.model_name = model_display_name(config.model)
         self.device = torch.device("cpu")
         self.vocab_size = len(self.tokenizer)
+        block_size = config.block_size or DEFAULT_BLOCK_SIZE["cpu"]
         shape = KVCacheShape.from_model_config(model_config, torch.bfloat16)
         num_blocks = config.num_blocks or num_blocks_for_budget(
-            shape, config.block_size, self.device, config.kv_cache_memory_gib, 1.0
+            shape,
+            block_size,
+            kv_cache_budget(self.device, config.kv_cache_memory_gib, 1.0, None),
         )
         self.runner = SyntheticRunner(step_time_model(config.synthetic))
         self.sampler = SyntheticSampler(config.synthetic, self.tokenizer, config.seed)
         model_max_len = self._model_max_len(model_config)
         max_model_len = config.max_model_len or min(
-            model_max_len or 1 << 30, num_blocks * config.block_size
+            model_max_len or 1 << 30, num_blocks * block_size
         )
-        return num_blocks, max_model_len
+        return num_blocks, block_size, max_model_len
 
     def _model_max_len(self, model_config) -> int | None:
         model_max_len = getattr(model_config, "max_position_embeddings", None)
@@ -603,6 +626,19 @@ class LLMEngine:
             ids.add(self.tokenizer.eos_token_id)
         return sorted(ids)
 
+    def _use_decode_graphs(self) -> bool:
+        """CUDA graphs for decode steps: on CUDA, unless `enforce_eager`, with a backend that
+        can run inside one."""
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return False
+        if not self.attention.graph_safe:
+            logger.warning(
+                "decode steps run eagerly: %s attention cannot run in a CUDA graph",
+                self.attention.label,
+            )
+            return False
+        return True
+
     def _warmup(self, shape: KVCacheShape, block_size: int, num_tokens: int) -> None:
         """Run one full-budget forward on a scratch cache: a self-test of the model under paged
         attention, and on CUDA the peak activation memory the KV-cache budget must leave free."""
@@ -611,7 +647,7 @@ class LLMEngine:
         seq = Sequence("warmup", [0] * num_tokens, max_tokens=1)
         seq.block_table = list(range(num_blocks))
         batch = ScheduledBatch(seqs=[seq], num_tokens=[num_tokens])
-        runner = ModelRunner(self.model, scratch, self.device, self.native_decode)
+        runner = ModelRunner(self.model, scratch, self.device, self.attention)
         try:
             runner.execute(batch, [0])
         except (NotImplementedError, RuntimeError, ValueError) as exc:

@@ -1,86 +1,31 @@
 """Turns a scheduled batch into one forward pass over the flat ragged batch and returns logits.
 
-Step tensors are built with numpy over whole arrays (no Python loop per token), and logits are
-computed only for the last token of each sequence that samples (`logits_to_keep`), plus the prompt
-positions of requests that asked for prompt logprobs.
+Step inputs are built with numpy over whole arrays (`replicas.step_inputs`), the attention
+metadata once per step for every layer (`replicas.attention_backends`), and logits only for the
+last token of each sequence that samples (`logits_to_keep`), plus the prompt positions of
+requests that asked for prompt logprobs. On CUDA, decode-only steps replay a captured graph
+(`replicas.cuda_graphs`) when one was captured.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from itertools import chain
+import logging
 
 import numpy as np
 import torch
 from torch.profiler import record_function
 
-from replicas.attention import AttentionMetadata, PrefillChunk, StepMasks
+from replicas.attention_backends import (
+    AttentionBackend,
+    AttentionMetadata,
+    build_attention_metadata,
+)
+from replicas.cuda_graphs import DecodeGraphs
 from replicas.kv_cache import PagedKVCache
+from replicas.step_inputs import StepInputs, build_step_inputs
 from scheduler import ScheduledBatch
 
-
-@dataclass
-class StepInputs:
-    input_ids: np.ndarray  # [T]
-    positions: np.ndarray  # [T]
-    slots: np.ndarray  # [T]
-    tables: np.ndarray  # [S, max_blocks] block tables, zero-padded
-    starts: np.ndarray  # [S] tokens already computed per sequence
-    lengths: np.ndarray  # [S] tokens fed this step per sequence
-    offsets: np.ndarray  # [S] first row of each sequence in the batch
-
-
-def build_step_inputs(batch: ScheduledBatch, block_size: int) -> StepInputs:
-    seqs = batch.seqs
-    lengths = np.asarray(batch.num_tokens, dtype=np.int64)
-    starts = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, len(seqs))
-    ends = starts + lengths
-    offsets = np.cumsum(lengths) - lengths
-    total = int(lengths.sum())
-    positions = np.arange(total, dtype=np.int64) - np.repeat(offsets - starts, lengths)
-    input_ids = np.fromiter(
-        chain.from_iterable(
-            s.token_ids[a:b] for s, a, b in zip(seqs, starts.tolist(), ends.tolist(), strict=True)
-        ),
-        np.int64,
-        total,
-    )
-    tables = np.zeros((len(seqs), max(len(s.block_table) for s in seqs)), dtype=np.int64)
-    for i, seq in enumerate(seqs):
-        tables[i, : len(seq.block_table)] = seq.block_table
-    rows = np.repeat(np.arange(len(seqs)), lengths)
-    slots = tables[rows, positions // block_size] * block_size + positions % block_size
-    return StepInputs(input_ids, positions, slots, tables, starts, lengths, offsets)
-
-
-def build_masks(
-    inputs: StepInputs, num_decodes: int, block_size: int, window: int | None, decode_bias: bool
-) -> StepMasks:
-    """Prefill masks, and the decode bias if asked, for one attention window (None: full)."""
-    bias_tensor = None
-    if num_decodes and decode_bias:
-        context = inputs.starts[:num_decodes] + 1
-        span = -(-int(context.max()) // block_size) * block_size
-        key_pos = np.arange(span)
-        valid = key_pos[None, :] < context[:, None]
-        if window is not None:
-            valid &= key_pos[None, :] > (context - 1 - window)[:, None]
-        bias = np.where(valid, np.float32(0), np.float32(-np.inf))
-        bias_tensor = torch.from_numpy(bias[:, None, None, :])
-    prefill_masks: list[torch.Tensor | None] = []
-    for i in range(num_decodes, len(inputs.starts)):
-        start, length = int(inputs.starts[i]), int(inputs.lengths[i])
-        context = start + length
-        if start == 0 and (window is None or window >= context):
-            prefill_masks.append(None)
-            continue
-        query_pos = np.arange(start, context)[:, None]
-        key_pos = np.arange(context)[None, :]
-        allowed = key_pos <= query_pos
-        if window is not None:
-            allowed &= key_pos > query_pos - window
-        prefill_masks.append(torch.from_numpy(allowed))
-    return StepMasks(bias_tensor, prefill_masks)
+logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -91,63 +36,36 @@ class ModelRunner:
         model: torch.nn.Module,
         kv_cache: PagedKVCache,
         device: torch.device,
-        native_decode: bool,
+        backend: AttentionBackend,
     ):
-        """`native_decode`: decode with the native CPU kernel (see `replicas.kernels`)."""
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
+        self.backend = backend
         self.block_size = kv_cache.block_size
-        config = model.config
-        window = getattr(config, "sliding_window", None)
-        uses_window = window is not None and (
-            getattr(config, "use_sliding_window", True)
-            or "sliding_attention" in (getattr(config, "layer_types", None) or ())
+        self.graphs: DecodeGraphs | None = None
+        self.last_step_kind = ""  # "graph", "decode" or "mixed": what the last execute ran
+
+    def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """From now on, decode-only steps of up to `max_num_seqs` sequences replay CUDA graphs."""
+        graphs = DecodeGraphs(
+            self.model, self.kv_cache, self.backend, max_num_seqs, max_model_len, self.device
         )
-        self.windows: tuple[int | None, ...] = (None, window) if uses_window else (None,)
-        self.native_decode = native_decode
+        try:
+            graphs.capture()
+        except Exception:  # e.g. a model whose forward syncs with the host: run it eagerly
+            logger.warning("capturing decode CUDA graphs failed; decoding eagerly", exc_info=True)
+            torch.cuda.synchronize(self.device)
+            return
+        self.graphs = graphs
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, non_blocking=True)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, AttentionMetadata]:
         inputs = build_step_inputs(batch, self.block_size)
-        nd = batch.num_decodes
-        decode_tables = decode_lens = None
-        if nd:
-            blocks = -(-int(inputs.starts[:nd].max() + 1) // self.block_size)
-            decode_tables = self._to_device(np.ascontiguousarray(inputs.tables[:nd, :blocks]))
-            decode_lens = self._to_device(inputs.starts[:nd] + 1)
-        prefills = []
-        for i in range(nd, len(batch.seqs)):
-            start, length = int(inputs.starts[i]), int(inputs.lengths[i])
-            context_slots = None
-            if start:
-                pos = np.arange(start + length)
-                table = inputs.tables[i]
-                slots = table[pos // self.block_size] * self.block_size + pos % self.block_size
-                context_slots = self._to_device(slots)
-            prefills.append(PrefillChunk(int(inputs.offsets[i]), length, context_slots))
-        masks = {}
-        for window in self.windows:
-            step_masks = build_masks(inputs, nd, self.block_size, window, not self.native_decode)
-            if self.device.type != "cpu":
-                step_masks = StepMasks(
-                    None
-                    if step_masks.decode_bias is None
-                    else step_masks.decode_bias.to(self.device),
-                    [None if m is None else m.to(self.device) for m in step_masks.prefill_masks],
-                )
-            masks[window] = step_masks
-        meta = AttentionMetadata(
-            kv_caches=self.kv_cache.layers,
-            slot_mapping=self._to_device(inputs.slots),
-            num_decodes=nd,
-            decode_block_tables=decode_tables,
-            decode_context_lens=decode_lens,
-            native_decode=self.native_decode,
-            prefills=prefills,
-            masks=masks,
+        meta = build_attention_metadata(
+            inputs, batch.num_decodes, self.kv_cache.layers, self.backend, self.device
         )
         return inputs, meta
 
@@ -161,6 +79,15 @@ class ModelRunner:
         """Logits [len(sample_rows), vocab] at the last token of each sequence in `sample_rows`,
         then one row per `extra_positions` entry (indices into the step's flat tokens; prompt
         logprobs), all from the same forward pass."""
+        decode_only = batch.num_decodes == len(batch.seqs)
+        if self.graphs is not None and extra_positions is None and self.graphs.can_run(batch):
+            self.last_step_kind = "graph"
+            with record_function("continuum.prepare"):
+                self.kv_cache.copy_blocks(batch.block_copies)
+                inputs = build_step_inputs(batch, self.block_size)
+            with record_function("continuum.forward"):
+                return self.graphs.run(inputs, sample_rows)
+        self.last_step_kind = "decode" if decode_only else "mixed"
         with record_function("continuum.prepare"):
             self.kv_cache.copy_blocks(batch.block_copies)
             inputs, meta = self.prepare(batch)

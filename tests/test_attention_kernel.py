@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from replicas.attention import _batched_decode
+from replicas.attention_backends.cpu import batched_decode, build_masks
 from replicas.kernels import load_cpu_kernels
-from replicas.model_runner import StepInputs, build_masks
+from replicas.step_inputs import StepInputs
 
 pytestmark = pytest.mark.skipif(
     not load_cpu_kernels(), reason="no C++ compiler for the native kernel"
@@ -37,7 +37,7 @@ def test_native_decode_equals_torch_decode(dtype, head_dim, window):
         offsets=np.arange(seqs),
     )
     masks = build_masks(inputs, seqs, block_size, window, decode_bias=True)
-    expected = _batched_decode(query, k_cache, v_cache, tables, masks, head_dim**-0.5)
+    expected = batched_decode(query, k_cache, v_cache, tables, masks, head_dim**-0.5)
     native = torch.ops.continuum.paged_decode_attention(
         query, k_cache, v_cache, tables, torch.from_numpy(lens), head_dim**-0.5, window or 0
     )

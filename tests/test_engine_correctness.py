@@ -2,7 +2,8 @@
 
 With many concurrent requests of different lengths, every request's greedy tokens equal
 `model.generate` run on that request alone (float32), however the engine batches, chunks, caches
-or preempts.
+or preempts. The tiny-model tests run with the CPU backend and with the reference backend, the
+specification of the varlen metadata the CUDA kernel receives.
 """
 
 from __future__ import annotations
@@ -52,14 +53,20 @@ def tiny_reference(tiny_dir):
     return work, [hf_greedy(model, p, m) for p, m in work]
 
 
+BACKENDS = ["cpu", "reference"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
-def test_tiny_greedy_equals_hf_generate_alone(tiny_dir, tiny_reference, name):
+def test_tiny_greedy_equals_hf_generate_alone(tiny_dir, tiny_reference, name, backend):
     work, expected = tiny_reference
-    llm = LLM(str(tiny_dir), dtype="float32", **TINY_CONFIGS[name])
+    llm = LLM(str(tiny_dir), dtype="float32", attention_backend=backend, **TINY_CONFIGS[name])
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for _, m in work]
     outputs = llm.generate([p for p, _ in work], params, use_tqdm=False)
     for i, (output, reference) in enumerate(zip(outputs, expected, strict=True)):
-        assert output.token_ids == reference, f"request {i} ({name}) diverged from model.generate"
+        assert output.token_ids == reference, (
+            f"request {i} ({name}, {backend} backend) diverged from model.generate"
+        )
         assert output.finish_reason == "length"
     engine = llm.engine
     if name == "preemption":
@@ -69,33 +76,50 @@ def test_tiny_greedy_equals_hf_generate_alone(tiny_dir, tiny_reference, name):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks, "leaked blocks"
 
 
-def test_sliding_window_model_equals_hf_generate(tmp_path, smol_dir):
-    """A Mistral with a window shorter than its prompts: the paged path must apply the window."""
+@pytest.fixture(scope="module")
+def mistral_dir(tmp_path_factory, smol_dir):
     from conftest import build_tiny_model
 
-    path = build_tiny_model(tmp_path / "mistral", smol_dir, "mistral", sliding_window=6)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    path = tmp_path_factory.mktemp("mistral")
+    return build_tiny_model(path, smol_dir, "mistral", sliding_window=6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sliding_window_model_equals_hf_generate(mistral_dir, backend):
+    """A Mistral with a window shorter than its prompts: the paged path must apply the window."""
+    model = AutoModelForCausalLM.from_pretrained(mistral_dir, dtype=torch.float32).eval()
     work = tiny_workload(seed=1, n=6)
-    llm = LLM(str(path), dtype="float32", block_size=4, max_num_batched_tokens=12, max_num_seqs=6)
+    llm = LLM(
+        str(mistral_dir),
+        dtype="float32",
+        attention_backend=backend,
+        block_size=4,
+        max_num_batched_tokens=12,
+        max_num_seqs=6,
+    )
     outputs = llm.generate(
         [p for p, _ in work],
         [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for _, m in work],
         use_tqdm=False,
     )
     for i, ((prompt, max_tokens), output) in enumerate(zip(work, outputs, strict=True)):
-        assert output.token_ids == hf_greedy(model, prompt, max_tokens), f"request {i} diverged"
+        assert output.token_ids == hf_greedy(model, prompt, max_tokens), (
+            f"request {i} ({backend} backend) diverged"
+        )
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["native_kernel", "torch_decode"])
-def test_changing_one_prompt_never_changes_another_output(tiny_dir, native):
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(attention_backend="cpu", native_kernels=True),
+        dict(attention_backend="cpu", native_kernels=False),
+        dict(attention_backend="reference"),
+    ],
+    ids=["native_kernel", "torch_decode", "reference"],
+)
+def test_changing_one_prompt_never_changes_another_output(tiny_dir, settings):
     work = tiny_workload(seed=2, n=8)
-    llm = LLM(
-        str(tiny_dir),
-        dtype="float32",
-        block_size=4,
-        max_num_batched_tokens=24,
-        native_kernels=native,
-    )
+    llm = LLM(str(tiny_dir), dtype="float32", block_size=4, max_num_batched_tokens=24, **settings)
     # Sampled with per-request seeds: stricter than greedy, since any leak shifts the draws.
     params = [
         SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=m, ignore_eos=True)
