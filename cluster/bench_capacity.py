@@ -150,19 +150,18 @@ async def slot(url: str, body_for: callable, tally: Tally, stop: asyncio.Event) 
         writer.close()
 
 
-def engines_generated(app: str) -> int | None:
-    """Tokens the app's engines have generated so far (from their routing stats), or None when
-    this process cannot reach the Ray cluster."""
-    try:
-        import ray
-
-        from cluster.status import replica_stats
-
-        if not ray.is_initialized():
-            ray.init(address="auto", namespace="serve", log_to_driver=False)
-        return sum(s.get("tokens_generated", 0) for s in replica_stats(app))
-    except Exception:
+def engines_generated(ray_address: str | None, app: str) -> int | None:
+    """Tokens the app's engines have generated so far (from their routing stats); None without
+    the server's Ray address."""
+    if ray_address is None:
         return None
+    import ray
+
+    from cluster.status import replica_stats
+
+    if not ray.is_initialized():
+        ray.init(address=ray_address, namespace="serve", log_to_driver=False)
+    return sum(s.get("tokens_generated", 0) for s in replica_stats(app))
 
 
 @dataclass
@@ -191,6 +190,7 @@ async def measure(
     output_tokens: int,
     warmup_s: float,
     duration_s: float,
+    ray_address: str | None = None,
     app: str = "continuum",
     seed: int = 0,
 ) -> CapacityResult:
@@ -209,13 +209,13 @@ async def measure(
     await asyncio.sleep(warmup_s)
     roles = process_roles()
     roles[os.getpid()] = "client"
-    engine_before = engines_generated(app)
+    engine_before = engines_generated(ray_address, app)
     cpu_before, tokens_before, done_before = cpu_seconds(roles), tally.tokens, tally.completed
     ttfts_before, start = len(tally.ttfts), time.perf_counter()
     await asyncio.sleep(duration_s)
     elapsed = time.perf_counter() - start
     cpu_after, tokens = cpu_seconds(roles), tally.tokens - tokens_before
-    engine_after = engines_generated(app)
+    engine_after = engines_generated(ray_address, app)
     engine_rate = None
     if engine_before is not None and engine_after is not None:
         engine_rate = round((engine_after - engine_before) / elapsed, 1)
@@ -258,10 +258,15 @@ def run_capacity(
     output_tokens: int,
     warmup_s: float,
     duration_s: float,
+    ray_address: str | None = None,
 ) -> list[dict]:
     return [
         asdict(
-            asyncio.run(measure(url, model, c, prompt_tokens, output_tokens, warmup_s, duration_s))
+            asyncio.run(
+                measure(
+                    url, model, c, prompt_tokens, output_tokens, warmup_s, duration_s, ray_address
+                )
+            )
         )
         for c in concurrencies
     ]

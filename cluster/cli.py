@@ -146,6 +146,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def bench_capacity(args: argparse.Namespace, base_url: str, model: str) -> None:
+    if args.ray_address:
+        from cluster.local_server import use_loopback_ray
+
+        use_loopback_ray(args.ray_address)
     from cluster.bench_capacity import run_capacity
 
     results = run_capacity(
@@ -156,6 +160,7 @@ def bench_capacity(args: argparse.Namespace, base_url: str, model: str) -> None:
         args.output_len[1],
         args.warmup,
         args.duration,
+        args.ray_address,
     )
     report = {
         "label": args.label or "capacity",
@@ -243,6 +248,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
+    from cluster.local_server import use_loopback_ray
+
+    use_loopback_ray(args.address)
     import ray
 
     from cluster.status import replica_stats
@@ -328,6 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt-len MIN tokens, outputs of --output-len MAX)",
     )
     bench.add_argument("--duration", type=float, default=20, help="capacity: seconds measured")
+    bench.add_argument(
+        "--ray-address",
+        help="capacity: the server's Ray cluster (printed by `python -m cluster serve`), to read "
+        "how many tokens its engines generated in the window",
+    )
     bench.add_argument("--warmup", type=float, default=5, help="capacity: seconds before that")
     bench.add_argument("--served-model", help="model name to request (default: the server's first)")
     bench.add_argument("--label", help="a name for this run in reports and plots")

@@ -31,6 +31,18 @@ SERVE_LOOP_ENV = {
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
+def use_loopback_ray(address: str | None) -> None:
+    """Before Ray is imported: a driver for a cluster on this machine uses 127.0.0.1 as its
+    node address, as the cluster `serve_config` starts does; joining one, it authenticates with
+    the token Ray keeps for this user (Ray turns token auth on for the clusters it starts)."""
+    if address is None or address.split(":")[0] in ("127.0.0.1", "localhost"):
+        if "ray" in sys.modules:
+            raise RuntimeError("Ray was imported before the loopback settings could apply")
+        os.environ.update(LOOPBACK_ENV)
+        if address is not None and (Path.home() / ".ray" / "auth_token").is_file():
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
 def bind_grpc_to_loopback() -> None:
     """Worker set-up hook: Serve replicas open a gRPC server on every interface ("[::]:0"),
     which no Ray setting moves; bind it to 127.0.0.1 instead (local clusters only)."""
@@ -99,10 +111,7 @@ def serve_config(path: Path, address: str | None, overrides: list[str] = ()) -> 
     for name, value in SERVE_LOOP_ENV.items():
         os.environ.setdefault(name, value)
     local = address is None
-    if local:  # before anything imports Ray
-        if "ray" in sys.modules:
-            raise RuntimeError("Ray was imported before the loopback settings could apply")
-        os.environ.update(LOOPBACK_ENV)
+    use_loopback_ray(address)
     if not path.is_file():
         raise SystemExit(f"no such config file: {path}")
     import ray
@@ -144,6 +153,9 @@ def serve_config(path: Path, address: str | None, overrides: list[str] = ()) -> 
             f"metrics:   http://{node.node_ip_address}:{node.metrics_export_port}/metrics "
             "(Prometheus; Continuum's are ray_continuum_*)",
             flush=True,
+        )
+        print(
+            f"ray:       {node.gcs_address}  (python -m cluster status --address ...)", flush=True
         )
         stop.wait()
         print("shutting down: draining in-flight requests", flush=True)

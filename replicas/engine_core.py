@@ -74,7 +74,7 @@ def serve_engine(pipe: EnginePipe, config: EngineConfig) -> None:
     except Exception as exc:
         pipe.send(StartupFailed(f"{type(exc).__name__}: {exc}"))
         return
-    info = EngineInfo(max_model_len=engine.max_model_len, block_size=config.block_size)
+    info = EngineInfo(engine.max_model_len, engine.block_manager.block_size)
     pipe.send(Ready(info, engine.stats()))
     while True:
         # Block for commands only when there is nothing to compute.

@@ -142,6 +142,18 @@ def test_sigterm_drains_streams_and_exits_cleanly_with_ray_on_loopback(tmp_path,
         }
         assert not exposed, f"Ray processes listen beyond loopback: {exposed}"
 
+        (address,) = [line.split()[1] for line in output if line.startswith("ray:")]
+        status = subprocess.run(
+            [sys.executable, "-m", "cluster", "status", "--address", address],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={k: v for k, v in env.items() if k != "RAY_AUTH_MODE"},
+        )
+        assert status.returncode == 0, status.stderr[-2000:]
+        (replica,) = json.loads(status.stdout)
+        assert replica["engine_alive"] and replica["free_blocks"] == replica["total_blocks"]
+
         # A stream longer than the replicas' 3 s grace: it must still end cleanly.
         body = {"prompt": "drain", "max_tokens": 1000, "ignore_eos": True, "stream": True}
         events: list[str] = []
