@@ -447,10 +447,6 @@ class _CompletionChoices:
         self.offsets: dict[int, int] = {}
         self.prompt_logprobs: dict[int, PromptLogprobs] = {}
 
-    def add_delta(self, prompt: int, delta: StreamDelta) -> None:
-        if delta.prompt_logprobs is not None:
-            self.prompt_logprobs[prompt] = delta.prompt_logprobs
-
     def text_and_logprobs(
         self, prompt: int, c: CompletionOutput
     ) -> tuple[int, str, CompletionLogprobs | None]:
@@ -494,7 +490,8 @@ async def completion_events(
 
     async for p, delta in merge(streams):
         cached[p] = delta.num_cached_tokens
-        choices_state.add_delta(p, delta)
+        if delta.prompt_logprobs is not None:  # a scored prompt's first delta
+            choices_state.prompt_logprobs[p] = delta.prompt_logprobs
         choices = []
         for c in delta.outputs:
             completion_tokens += len(c.token_ids)
@@ -526,7 +523,8 @@ async def completion_result(
     cached: dict[int, int] = {}
     async for p, delta in merge(streams):
         cached[p] = delta.num_cached_tokens
-        choices_state.add_delta(p, delta)
+        if delta.prompt_logprobs is not None:  # a scored prompt's first delta
+            choices_state.prompt_logprobs[p] = delta.prompt_logprobs
         for c in delta.outputs:
             completion_tokens += len(c.token_ids)
             index, text, piece = choices_state.text_and_logprobs(p, c)

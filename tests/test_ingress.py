@@ -229,9 +229,11 @@ def test_echoed_prompts_lead_the_logprobs_streamed_or_whole():
 
 # --- tool calls ---------------------------------------------------------------------------------
 
+# Calls between content; the last characters could begin a call, so a stream holds them back
+# until the end.
 CALLS_TEXT = (
     'Sure.<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>\n'
-    '<tool_call>{"name": "neg", "arguments": {"x": -2}}</tool_call>'
+    '<tool_call>{"name": "neg", "arguments": {"x": -2}}</tool_call> Bye <tool'
 )
 
 
@@ -263,7 +265,7 @@ def test_streamed_tool_calls_assemble_to_the_parsed_ones(cuts):
 
     result, events = asyncio.run(run())
     (choice,) = result.choices
-    assert choice.finish_reason == "tool_calls" and choice.message.content == "Sure."
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Sure.\n Bye <tool"
     expected = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
     assert expected == [("add", '{"a": 1}'), ("neg", '{"x": -2}')]
     content, calls, finish = "", {}, None
@@ -276,7 +278,7 @@ def test_streamed_tool_calls_assemble_to_the_parsed_ones(cuts):
                     calls[piece["index"]] = [piece["function"]["name"], ""]
                 calls[piece["index"]][1] += piece["function"].get("arguments", "")
             finish = c.get("finish_reason") or finish
-    assert content.strip() == "Sure." and finish == "tool_calls"
+    assert content == "Sure.\n Bye <tool" and finish == "tool_calls"
     assert [tuple(c) for c in calls.values()] == expected
 
 
