@@ -156,12 +156,6 @@ class OpenAIIngress:
         params = body.sampling_params(
             max_tokens, body.logprobs, constraint, prompt_logprobs=body.prompt_logprobs
         )
-        echoes = [
-            await self.echo(p, ids, scored=body.prompt_logprobs is not None)
-            if body.echo
-            else responses.NO_ECHO
-            for p, ids in zip(prompts, token_prompts, strict=True)
-        ]
         log_id = self.log_id(raw)
         started = await asyncio.gather(
             *(self.start(ids, params, deadline, log_id) for ids in token_prompts),
@@ -172,6 +166,12 @@ class OpenAIIngress:
                 if not isinstance(stream, BaseException):
                     await stream.aclose()
             raise errors[0]
+        echoes = [  # once the engine accepted the token ids (no decoding of ids out of range)
+            await self.echo(p, ids, scored=body.prompt_logprobs is not None)
+            if body.echo
+            else responses.NO_ECHO
+            for p, ids in zip(prompts, token_prompts, strict=True)
+        ]
         response_id = f"cmpl-{log_id}"
         lengths = [len(p) for p in token_prompts]
         if body.stream:

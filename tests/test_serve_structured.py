@@ -475,3 +475,8 @@ def test_scoring_only_needs_echo_and_one_choice(client):
         client.completions.create(model="tiny", prompt="x", max_tokens=0, echo=True, n=2)
     echoed = client.completions.create(model="tiny", prompt="just this", max_tokens=0, echo=True)
     assert echoed.choices[0].text == "just this" and echoed.usage.completion_tokens == 0
+    for bad_id in (-3, 2**40):  # refused by the engine before the ingress decodes them
+        with pytest.raises(BadRequestError):
+            client.completions.create(
+                model="tiny", prompt=[5, bad_id], max_tokens=0, echo=True, logprobs=1
+            )
