@@ -369,14 +369,17 @@ async def chat_events(
         choices = []
         for c in delta.outputs:
             completion_tokens += len(c.token_ids)
+            # Nothing to send, unless tokens whose text is held back have logprobs.
             if tool_streams is None:
-                if not c.text and not c.finished:
+                if not c.text and not c.finished and (top_logprobs is None or not c.token_ids):
                     continue
                 message, finish_reason = DeltaMessage(content=c.text), c.finish_reason
             else:
                 message, finish_reason = tool_streams.delta(c)
                 if message is None:
-                    continue
+                    if top_logprobs is None or not c.token_ids:
+                        continue
+                    message = DeltaMessage()
             logprobs = None
             if top_logprobs is not None:
                 logprobs = ChatLogprobs(chat_logprobs(c, top_logprobs))
@@ -496,7 +499,7 @@ async def completion_events(
         for c in delta.outputs:
             completion_tokens += len(c.token_ids)
             index, text, logprobs = choices_state.text_and_logprobs(p, c)
-            if not text and not c.finished:
+            if not text and not c.finished and not (logprobs and logprobs.tokens):
                 continue
             choices.append(CompletionChoice(index, text, logprobs, c.finish_reason, c.stop_reason))
         if choices:

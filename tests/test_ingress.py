@@ -297,3 +297,35 @@ def test_tool_finish_reasons_and_plain_text():
     assert reason == "length" and message.content == CALLS_TEXT[:40] and not message.tool_calls
     reason, message = finish("  just words\n", "stop", named=False)
     assert reason == "stop" and message.content == "  just words\n", "text stays untouched"
+
+
+def test_streams_keep_the_logprobs_of_tokens_whose_text_is_held_back():
+    """A token may add no text yet (half a character, a possible stop string): its logprob
+    still streams, so that the pieces add up to the whole answer."""
+    from cluster.responses import chat_events
+
+    def stream():
+        async def gen():
+            yield delta_with_logprobs([(1, "Hel")])
+            yield delta_with_logprobs([(2, "")])
+            yield delta_with_logprobs([(3, "lo")], finished=True)
+
+        return gen()
+
+    async def completions() -> list[dict]:
+        chunks = completion_events("c", "m", 1, 1, "none", [Echo("")], [3], [stream()])
+        return [json.loads(e.removeprefix(b"data: ")) async for e in chunks]
+
+    async def chat() -> list[dict]:
+        chunks = chat_events("c", "m", 1, 1, "none", 3, stream())
+        return [json.loads(e.removeprefix(b"data: ")) async for e in chunks]
+
+    tokens = [t for e in asyncio.run(completions()) for t in e["choices"][0]["logprobs"]["tokens"]]
+    assert tokens == ["Hel", "", "lo"]
+    entries = [
+        entry["token"]
+        for e in asyncio.run(chat())
+        for c in e["choices"]
+        for entry in (c.get("logprobs") or {"content": []})["content"]
+    ]
+    assert entries == ["Hel", "", "lo"]
