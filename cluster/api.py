@@ -6,6 +6,11 @@ client's X-Request-ID only names the response and log lines); `n` samples fork i
 Replicas stream text deltas (`StreamDelta`); cluster/responses.py shapes them into OpenAI's
 bodies and SSE events; cluster/errors.py maps failures to OpenAI's error body.
 
+Structured outputs are compiled here first (`GrammarCompiler`, on a worker thread, bounded in
+time), so a bad schema, regex or grammar is a 400 before any replica work; the replica's engine
+compiles the same spec again (from its own cache). Tool calls are parsed here, from the text
+the replicas stream, by the parser of the model's family (cluster/tool_parsers.py).
+
 No `from __future__ import annotations` here: Serve re-wraps the route methods, and FastAPI must
 see real types in their signatures, not strings it can no longer resolve.
 """
@@ -16,6 +21,7 @@ import itertools
 import logging
 import math
 import os
+import threading
 import uuid
 from collections.abc import AsyncIterator
 
@@ -40,11 +46,12 @@ from cluster.guard import GuardMiddleware, configure_guard
 from cluster.prompts import PromptTokenizer, prompt_too_long
 from cluster.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from cluster.replica_health import report_dead_engine, serving_replicas
+from cluster.tool_parsers import ToolParser, tool_parser_for
 from replicas.deployment import GenerateRequest
 from replicas.errors import EngineDeadError
 from replicas.messages import EngineInfo
 from replicas.outputs import StreamDelta, decode_delta
-from replicas.sampling_params import SamplingParams
+from replicas.sampling_params import SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +76,20 @@ def cancel_quietly(response: DeploymentResponseGenerator) -> None:
         response.cancel()
 
 
+def model_tool_parser(tokenizer, engine_config, source: str) -> type[ToolParser]:
+    """The tool-call format of the served model's family: from its chat template (or, for
+    templates that do not show it, its model type)."""
+    from transformers import AutoConfig
+
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        template = "\n".join(template.values())
+    model_type = AutoConfig.from_pretrained(
+        source, revision=engine_config.revision, trust_remote_code=engine_config.trust_remote_code
+    ).model_type
+    return tool_parser_for(template, model_type)
+
+
 @serve.ingress(app)
 class OpenAIIngress:
     def __init__(self, llm: DeploymentHandle, config: dict) -> None:
@@ -81,8 +102,12 @@ class OpenAIIngress:
         from replicas.tokenizer import load_tokenizer
 
         engine_config = self.config.engine
-        self.tokenizer = load_tokenizer(engine_config, resolve_model_source(engine_config))
+        source = resolve_model_source(engine_config)
+        self.tokenizer = load_tokenizer(engine_config, source)
         self.prompts = PromptTokenizer(self.tokenizer)
+        self.tool_parser = model_tool_parser(self.tokenizer, engine_config, source)
+        self._grammars = None  # GrammarCompiler, built on the first structured request
+        self._grammars_lock = threading.Lock()
         self._engine_info: EngineInfo | None = None
         self._request_ids = itertools.count()
         self._id_prefix = uuid.uuid4().hex[:12]
@@ -121,18 +146,16 @@ class OpenAIIngress:
     async def completions(self, body: CompletionRequest, raw: Request):
         deadline = self.deadline(raw)
         self.check_request(body)
-        if body.echo and body.logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported", param="echo")
         prompts = body.prompts()
         token_prompts = [
             await self.tokenize(p, "prompt") if isinstance(p, str) else p for p in prompts
         ]
         max_tokens = await self.apply_limits(body.max_tokens, token_prompts, "prompt")
-        params = body.sampling_params(max_tokens, body.logprobs)
-        echoes = [
-            (p if isinstance(p, str) else self.tokenizer.decode(p)) if body.echo else ""
-            for p in prompts
-        ]
+        constraint = body.structured_outputs_params()
+        await self.check_constraint(constraint, body.constraint_field)
+        params = body.sampling_params(
+            max_tokens, body.logprobs, constraint, prompt_logprobs=body.prompt_logprobs
+        )
         log_id = self.log_id(raw)
         started = await asyncio.gather(
             *(self.start(ids, params, deadline, log_id) for ids in token_prompts),
@@ -143,6 +166,12 @@ class OpenAIIngress:
                 if not isinstance(stream, BaseException):
                     await stream.aclose()
             raise errors[0]
+        echoes = [  # once the engine accepted the token ids (no decoding of ids out of range)
+            await self.echo(p, ids, scored=body.prompt_logprobs is not None)
+            if body.echo
+            else responses.NO_ECHO
+            for p, ids in zip(prompts, token_prompts, strict=True)
+        ]
         response_id = f"cmpl-{log_id}"
         lengths = [len(p) for p in token_prompts]
         if body.stream:
@@ -173,14 +202,23 @@ class OpenAIIngress:
             text = render_chat(
                 self.tokenizer,
                 [m.as_template_message() for m in body.messages],
+                tools=body.template_tools(),
                 **body.template_kwargs(),
             )
         except Exception as exc:
             raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
         prompt = await self.tokenize(text, "messages", add_special_tokens=False)
         max_tokens = await self.apply_limits(body.requested_max_tokens, [prompt], "messages")
+        try:  # a forced tool call is the grammar of the model family's call format
+            constraint = body.structured_outputs_params(self.tool_parser)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param=body.constraint_field) from exc
+        await self.check_constraint(constraint, body.constraint_field)
         top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = body.sampling_params(max_tokens, top_logprobs)
+        params = body.sampling_params(max_tokens, top_logprobs, constraint)
+        tools = None
+        if body.may_call_tools:
+            tools = responses.ToolUse(self.tool_parser, named=body.forces_named_call)
         log_id = self.log_id(raw)
         stream = await self.start(prompt, params, deadline, log_id)
         response_id = f"chatcmpl-{log_id}"
@@ -194,10 +232,11 @@ class OpenAIIngress:
                     body.usage_mode(),
                     len(prompt),
                     stream,
+                    tools,
                 )
             )
         result = responses.chat_result(
-            response_id, self.model_name, top_logprobs, len(prompt), stream
+            response_id, self.model_name, top_logprobs, len(prompt), stream, tools
         )
         return json_response(await self.finish(result))
 
@@ -256,6 +295,35 @@ class OpenAIIngress:
     async def tokenize(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
         limit = await self.prompt_limit()
         return await self.prompts.encode(text, limit, param, add_special_tokens)
+
+    async def check_constraint(self, spec: StructuredOutputsParams | None, param: str) -> None:
+        """Compile a request's output constraint before any replica work: one that is invalid,
+        unsupported or too slow to build is a 400 with llguidance's message."""
+        if spec is None:
+            return
+        try:
+            await asyncio.to_thread(self._compile, spec)
+        except ValueError as exc:  # GrammarError, or a schema llguidance cannot read
+            raise APIError(400, str(exc), param=param, code="invalid_value") from exc
+
+    def _compile(self, spec: StructuredOutputsParams) -> None:
+        from replicas.structured_output import GrammarCompiler
+
+        with self._grammars_lock:  # wrapping the vocabulary takes ~0.3 s: once per ingress
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer)
+        self._grammars.compile(spec)
+
+    async def echo(
+        self, prompt: str | list[int], token_ids: list[int], scored: bool
+    ) -> responses.Echo:
+        """What a completions choice repeats first: the prompt as sent; when it is scored
+        (`logprobs`), the text its tokens spell, so that `text_offset` indexes the answer."""
+        if not scored:
+            text = prompt if isinstance(prompt, str) else self.tokenizer.decode(token_ids)
+            return responses.Echo(text)
+        text, offsets = await self.prompts.spell(token_ids)
+        return responses.Echo(text, token_ids, offsets, self.tokenizer.decode(token_ids[:1]))
 
     async def apply_limits(
         self, requested: int | None, prompts: list[list[int]], param: str

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from replicas.sampling_params import (
     LogitBias,
     MaxTokens,
+    MaxTokensOrScoring,
     MinP,
     MinTokens,
     NumChoices,
@@ -186,11 +187,17 @@ class SamplingFields(BaseModel):
             return self.structured_outputs
         return None if self.response_format is None else self.response_format.structured_outputs()
 
+    @property
+    def constraint_field(self) -> str:
+        """The field an invalid constraint is reported under (OpenAI's error `param`)."""
+        return "response_format" if self.structured_outputs is None else "structured_outputs"
+
     def sampling_params(
         self,
         max_tokens: int | None,
         logprobs: int | None,
         structured_outputs: StructuredOutputsParams | None = None,
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         """`structured_outputs`: the request's constraint as the caller resolved it (chat's
         needs the tool parser); by default `structured_outputs_params()`."""
@@ -212,6 +219,7 @@ class SamplingFields(BaseModel):
             min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             structured_outputs=structured_outputs or self.structured_outputs_params(),
         )
@@ -221,8 +229,13 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
+    """Legacy completions. `echo` with `logprobs: k` also scores the prompt (OpenAI's way, used by
+    evaluation harnesses): every prompt token's logprob (null for the first) and top k, before
+    the generated ones. `max_tokens: 0` generates nothing, so it needs `echo` (the answer is
+    the prompt) and `n: 1`."""
+
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: MaxTokens | None = 16
+    max_tokens: MaxTokensOrScoring | None = 16
     logprobs: NumLogprobs | None = None
     echo: bool = False
     best_of: Annotated[int, Field(ge=1)] | None = None
@@ -246,6 +259,19 @@ class CompletionRequest(SamplingFields):
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of other than n is not supported")
         return self
+
+    @model_validator(mode="after")
+    def _scoring_only_echoes(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 generates nothing: it needs echo: true (prompt scoring)")
+        if self.max_tokens == 0 and self.n != 1:
+            raise ValueError("max_tokens 0 (prompt scoring) needs n = 1")
+        return self
+
+    @property
+    def prompt_logprobs(self) -> int | None:
+        """How many top alternatives of each prompt token to return: echo with logprobs."""
+        return self.logprobs if self.echo else None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts of a batch request: text, or token ids."""
@@ -421,9 +447,18 @@ class ChatCompletionRequest(SamplingFields):
     def forces_tool_call(self) -> bool:
         return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
 
+    @property
+    def may_call_tools(self) -> bool:
+        """Whether the model sees the tools (and its output is parsed for calls)."""
+        return bool(self.tools) and self.effective_tool_choice != "none"
+
+    @property
+    def constraint_field(self) -> str:
+        return "tool_choice" if self.forces_tool_call else super().constraint_field
+
     def template_tools(self) -> list[dict[str, Any]] | None:
         """The tools as chat templates take them; none when the model may not call any."""
-        if not self.tools or self.effective_tool_choice == "none":
+        if not self.may_call_tools:
             return None
         return [tool.model_dump(exclude_none=True) for tool in self.tools]
 

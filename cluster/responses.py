@@ -3,6 +3,10 @@
 Response types are msgspec structs: a streamed token costs one small struct and one `encode`,
 not a pydantic model and its validation. Streams (`*_events`) yield ready SSE bytes; results
 (`*_result`) return one JSON body.
+
+Chat with tools (`ToolUse`) runs each choice's text through the model family's tool parser:
+whole for a result, piece by piece (one parser per choice) for a stream. Completions with `echo`
+and `logprobs` put the prompt's logprobs (the replica's first delta) before the generated ones.
 """
 
 from __future__ import annotations
@@ -10,10 +14,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import msgspec
 
-from replicas.outputs import CompletionOutput, Logprob, StreamDelta
+from replicas.outputs import CompletionOutput, Logprob, PromptLogprobs, StreamDelta
+
+if TYPE_CHECKING:
+    from cluster.tool_parsers import ToolParser
 
 _json = msgspec.json.Encoder()
 
@@ -217,6 +226,36 @@ def extend_completion_logprobs(
     return offset
 
 
+@dataclass(frozen=True)
+class Echo:
+    """What a completions choice repeats before its own text (`echo`): the prompt; and, when the
+    prompt is scored too (`echo` with `logprobs`), its tokens, where each begins in `text`, and
+    the text of the first one (which has no logprob)."""
+
+    text: str
+    token_ids: list[int] | None = None
+    text_offset: list[int] | None = None
+    first_token: str = ""
+
+
+NO_ECHO = Echo("")
+
+
+def prompt_completion_logprobs(
+    echo: Echo, entries: PromptLogprobs | None, n: int
+) -> CompletionLogprobs:
+    """OpenAI's logprobs of an echoed prompt: null for its first token, then each token's."""
+    if entries is None or len(entries) != len(echo.token_ids):
+        raise RuntimeError("the replica sent no logprobs for the prompt")
+    out = CompletionLogprobs([echo.first_token], [None], [None], list(echo.text_offset))
+    for token_id, entry in zip(echo.token_ids[1:], entries[1:], strict=True):
+        chosen = entry[token_id]
+        out.tokens.append(chosen.decoded_token)
+        out.token_logprobs.append(chosen.logprob)
+        out.top_logprobs.append({lp.decoded_token: lp.logprob for lp in top_entries(entry, n)})
+    return out
+
+
 # --- streams of several prompts -------------------------------------------------------------
 
 
@@ -256,6 +295,49 @@ async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object
 # --- chat -----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ToolUse:
+    """A chat request whose model may call tools: the model family's parser, and whether
+    `tool_choice` named the function (OpenAI then finishes with "stop", not "tool_calls")."""
+
+    parser: type[ToolParser]
+    named: bool
+
+    def finish_reason(self, reason: str | None, called: bool) -> str | None:
+        """A turn that ended ("stop") after calls ends with "tool_calls" (auto, required)."""
+        return "tool_calls" if called and reason == "stop" and not self.named else reason
+
+    def message(self, text: str) -> tuple[AssistantMessage, bool]:
+        """A whole output as OpenAI's message, and whether it holds calls; text without a
+        (well-formed) call stays content, untouched."""
+        parsed = self.parser.parse(text)
+        if not parsed.tool_calls:
+            return AssistantMessage(content=text), False
+        return parsed.message(), True
+
+
+class _ToolCallStreams:
+    """One streaming tool parser per choice, fed each text delta as it comes."""
+
+    def __init__(self, tools: ToolUse) -> None:
+        self.tools = tools
+        self.parsers: dict[int, ToolParser] = {}
+
+    def delta(self, c: CompletionOutput) -> tuple[DeltaMessage | None, str | None]:
+        """The OpenAI delta of a choice's new text (None: nothing to send yet), and its
+        finish reason."""
+        parser = self.parsers.get(c.index)
+        if parser is None:
+            parser = self.parsers[c.index] = self.tools.parser()
+        parsed = parser.feed(c.text)
+        if not c.finished:
+            return (parsed.message() if parsed else None), None
+        tail = parser.finish()
+        parsed.content += tail.content
+        parsed.tool_calls += tail.tool_calls
+        return parsed.message(), self.tools.finish_reason(c.finish_reason, parser.called)
+
+
 async def chat_events(
     response_id: str,
     model: str,
@@ -264,9 +346,12 @@ async def chat_events(
     usage_mode: str,
     prompt_tokens: int,
     stream: AsyncIterator[StreamDelta],
+    tools: ToolUse | None = None,
 ) -> AsyncIterator[bytes]:
-    """SSE chunks of a chat completion: the role first, then one chunk per replica message."""
+    """SSE chunks of a chat completion: the role first, then one chunk per replica message.
+    With `tools`, calls in the text stream as OpenAI's tool-call deltas."""
     created = now()
+    tool_streams = None if tools is None else _ToolCallStreams(tools)
 
     def chunk(choices: list[ChatStreamChoice], usage: Usage | None = None) -> bytes:
         if usage is None and usage_mode == "every_chunk":
@@ -284,15 +369,22 @@ async def chat_events(
         choices = []
         for c in delta.outputs:
             completion_tokens += len(c.token_ids)
-            if not c.text and not c.finished:
-                continue
+            # Nothing to send, unless tokens whose text is held back have logprobs.
+            if tool_streams is None:
+                if not c.text and not c.finished and (top_logprobs is None or not c.token_ids):
+                    continue
+                message, finish_reason = DeltaMessage(content=c.text), c.finish_reason
+            else:
+                message, finish_reason = tool_streams.delta(c)
+                if message is None:
+                    if top_logprobs is None or not c.token_ids:
+                        continue
+                    message = DeltaMessage()
             logprobs = None
             if top_logprobs is not None:
                 logprobs = ChatLogprobs(chat_logprobs(c, top_logprobs))
             choices.append(
-                ChatStreamChoice(
-                    c.index, DeltaMessage(content=c.text), logprobs, c.finish_reason, c.stop_reason
-                )
+                ChatStreamChoice(c.index, message, logprobs, finish_reason, c.stop_reason)
             )
         if choices:
             yield chunk(choices)
@@ -306,7 +398,9 @@ async def chat_result(
     top_logprobs: int | None,
     prompt_tokens: int,
     stream: AsyncIterator[StreamDelta],
+    tools: ToolUse | None = None,
 ) -> ChatCompletion:
+    """A whole chat completion; with `tools`, each choice's calls parsed into `tool_calls`."""
     texts: dict[int, list[str]] = {}
     finals: dict[int, CompletionOutput] = {}
     logprobs: dict[int, list[ChatTokenLogprob]] = {}
@@ -320,16 +414,23 @@ async def chat_result(
                 logprobs.setdefault(c.index, []).extend(chat_logprobs(c, top_logprobs))
             if c.finished:
                 finals[c.index] = c
-    choices = [
-        ChatChoice(
-            index=i,
-            message=AssistantMessage(content="".join(texts[i])),
-            logprobs=None if top_logprobs is None else ChatLogprobs(logprobs.get(i, [])),
-            finish_reason=finals[i].finish_reason,
-            stop_reason=finals[i].stop_reason,
+    choices = []
+    for i in sorted(finals):
+        text, finish_reason = "".join(texts[i]), finals[i].finish_reason
+        if tools is None:
+            message = AssistantMessage(content=text)
+        else:
+            message, called = tools.message(text)
+            finish_reason = tools.finish_reason(finish_reason, called)
+        choices.append(
+            ChatChoice(
+                index=i,
+                message=message,
+                logprobs=None if top_logprobs is None else ChatLogprobs(logprobs.get(i, [])),
+                finish_reason=finish_reason,
+                stop_reason=finals[i].stop_reason,
+            )
         )
-        for i in sorted(finals)
-    ]
     usage = make_usage(prompt_tokens, completion_tokens, cached)
     return ChatCompletion(response_id, "chat.completion", now(), model, choices, usage)
 
@@ -339,25 +440,33 @@ async def chat_result(
 
 class _CompletionChoices:
     """Per choice of a completions request (prompt p, sample i -> index p * n + i): where its
-    text stands, for `text_offset`, and whether its echo was sent."""
+    text stands, for `text_offset`, and whether its echo was sent; per prompt, its logprobs
+    (in the first delta of its stream) when it is echoed and scored."""
 
-    def __init__(self, n: int, echoes: list[str], num_logprobs: int | None) -> None:
+    def __init__(self, n: int, echoes: list[Echo], num_logprobs: int | None) -> None:
         self.n = n
         self.echoes = echoes
         self.num_logprobs = num_logprobs
         self.offsets: dict[int, int] = {}
+        self.prompt_logprobs: dict[int, PromptLogprobs] = {}
 
     def text_and_logprobs(
         self, prompt: int, c: CompletionOutput
     ) -> tuple[int, str, CompletionLogprobs | None]:
         index = prompt * self.n + c.index
         text = c.text
+        echo = None
         if index not in self.offsets:  # the choice's first piece: its echo goes first
-            text = self.echoes[prompt] + text
-            self.offsets[index] = len(self.echoes[prompt])
+            echo = self.echoes[prompt]
+            text = echo.text + text
+            self.offsets[index] = len(echo.text)
         logprobs = None
         if self.num_logprobs is not None:
-            logprobs = CompletionLogprobs()
+            if echo is not None and echo.token_ids is not None:
+                entries = self.prompt_logprobs.get(prompt)
+                logprobs = prompt_completion_logprobs(echo, entries, self.num_logprobs)
+            else:
+                logprobs = CompletionLogprobs()
             self.offsets[index] = extend_completion_logprobs(
                 logprobs, c, self.num_logprobs, self.offsets[index]
             )
@@ -370,7 +479,7 @@ async def completion_events(
     n: int,
     num_logprobs: int | None,
     usage_mode: str,
-    echoes: list[str],
+    echoes: list[Echo],
     prompt_lengths: list[int],
     streams: list[AsyncIterator[StreamDelta]],
 ) -> AsyncIterator[bytes]:
@@ -384,11 +493,13 @@ async def completion_events(
 
     async for p, delta in merge(streams):
         cached[p] = delta.num_cached_tokens
+        if delta.prompt_logprobs is not None:  # a scored prompt's first delta
+            choices_state.prompt_logprobs[p] = delta.prompt_logprobs
         choices = []
         for c in delta.outputs:
             completion_tokens += len(c.token_ids)
             index, text, logprobs = choices_state.text_and_logprobs(p, c)
-            if not text and not c.finished:
+            if not text and not c.finished and not (logprobs and logprobs.tokens):
                 continue
             choices.append(CompletionChoice(index, text, logprobs, c.finish_reason, c.stop_reason))
         if choices:
@@ -403,7 +514,7 @@ async def completion_result(
     model: str,
     n: int,
     num_logprobs: int | None,
-    echoes: list[str],
+    echoes: list[Echo],
     prompt_lengths: list[int],
     streams: list[AsyncIterator[StreamDelta]],
 ) -> Completion:
@@ -415,6 +526,8 @@ async def completion_result(
     cached: dict[int, int] = {}
     async for p, delta in merge(streams):
         cached[p] = delta.num_cached_tokens
+        if delta.prompt_logprobs is not None:  # a scored prompt's first delta
+            choices_state.prompt_logprobs[p] = delta.prompt_logprobs
         for c in delta.outputs:
             completion_tokens += len(c.token_ids)
             index, text, piece = choices_state.text_and_logprobs(p, c)

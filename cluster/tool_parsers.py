@@ -292,6 +292,11 @@ class ToolParser(ABC):
     @abstractmethod
     def feed(self, text: str) -> ParsedDelta: ...
 
+    @property
+    def called(self) -> bool:
+        """Whether a call has been streamed (its name sent) so far."""
+        return any(call.header_sent for call in self.calls)
+
     @abstractmethod
     def finish(self) -> ParsedDelta: ...
 
