@@ -35,6 +35,7 @@ from scheduler import (
     Sequence,
     SequenceStatus,
 )
+from scheduler.step_time import StepSample, step_shape
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +142,8 @@ class LLMEngine:
         self.num_requests_admitted = 0
         self._generation_of: dict[Sequence, Generation] = {}
         self._token_text: dict[int, str] = {}
+        # Set to a list to record each step's shape and wall time (`python -m cluster calibrate`).
+        self.step_samples: list[StepSample] | None = None
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -208,15 +211,20 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one scheduled forward pass; return outputs of the requests it changed."""
+        start = time.perf_counter()
         with record_function("continuum.schedule"):
             batch = self.scheduler.schedule()
         if not batch:
             return []
+        shape = step_shape(batch) if self.step_samples is not None else None
         try:
             return self._run(batch)
         except Exception as exc:  # a fault in one step fails that step's requests, not the engine
             logger.exception("step failed; failing the %d requests in it", len(batch.seqs))
             return self._fail(batch, f"{type(exc).__name__}: {exc}")
+        finally:
+            if shape is not None:
+                self.step_samples.append(StepSample(shape, time.perf_counter() - start))
 
     def _run(self, batch: ScheduledBatch) -> list[RequestOutput]:
         self._record_first_scheduled(batch)

@@ -437,8 +437,19 @@ class CostPolicy:
         p = w.prefill_s_per_token
         replicas = self._replicas
         prompt = request.prompt_tokens
-        least = self._least_loaded(prompt, loads)
-        min_load = (loads[least] if least is not None else min(loads)) - now
+        fitting = {
+            pos
+            for replica_id in matched
+            if (pos := self._position.get(replica_id)) is not None
+            and self._fits(pos, prompt, matched)
+        }
+        least = self._least_loaded(loads, prompt)
+        # Room nowhere for the uncached prompt: it will queue wherever it goes, so still go
+        # where the estimated TTFT is lowest (the cached prefix may well still be there).
+        fallback = least is None and not fitting
+        if least is None:
+            least = self._least_loaded(loads, None)
+        min_load = loads[least] - now
 
         def guard_ok(pos: int) -> bool:
             load = loads[pos] - now
@@ -447,56 +458,55 @@ class CostPolicy:
         if request.session_id is not None and w.session_affinity:
             replica_id = self.sessions.get(request.session_id)
             pos = self._position.get(replica_id) if replica_id is not None else None
-            if pos is not None and guard_ok(pos) and self._fits(pos, prompt, matched):
+            if pos is not None and guard_ok(pos) and (fallback or self._fits(pos, prompt, matched)):
                 return pos, SESSION, []
         considered: list[tuple[float, int]] = []
         best, best_cost = None, float("inf")
         for replica_id, blocks in matched.items():
             pos = self._position.get(replica_id)
-            if pos is None or not self._fits(pos, prompt, matched):
+            if pos is None or not (fallback or pos in fitting):
                 continue
             cost = loads[pos] - now + p * max(prompt - blocks * replicas[pos].block_size, 1)
             considered.append((cost, pos))
             if cost < best_cost:
                 best, best_cost = pos, cost
+        least_cost = min_load + p * prompt
+        considered.append((least_cost, least))
+        room_least = fallback or replicas[least].free_blocks * replicas[least].block_size >= prompt
         # A cache hit that is as fast as recomputing elsewhere (within the tie) still wins: it
         # saves the cluster the prefill.
-        if least is not None and (best is None or min_load + p * prompt < best_cost - w.tie_s):
+        if best is None or (room_least and least_cost < best_cost - w.tie_s):
             best = least
-        if least is not None:
-            considered.append((min_load + p * prompt, least))
-        if best is None:  # the prompt fits nowhere now: queue where the wait looks shortest
-            return self._random_argmin(range(len(loads)), loads), FALLBACK, []
-        if best == least:
-            return best, LOAD, considered
-        if least is not None and not guard_ok(best):
-            return least, LOAD, considered
-        return best, PREFIX_HIT, considered
+        if best != least and not guard_ok(best):
+            best = least
+        if fallback:
+            return best, FALLBACK, considered
+        hit = matched.get(replicas[best].replica_id, 0)
+        return best, (PREFIX_HIT if hit else LOAD), considered
 
     def _fits(self, pos: int, prompt: int, matched: dict[str, int]) -> bool:
         replica = self._replicas[pos]
         needed = -(-prompt // replica.block_size) - matched.get(replica.replica_id, 0)
         return replica.free_blocks >= needed
 
-    def _least_loaded(self, prompt: int, loads: list[float]) -> int | None:
-        """A replica of least load with room for the whole prompt, at random among those within
-        `tie_s` of the least: loads come from reports of different ages, and a strict minimum
-        would send every request to whichever replica happened to report last."""
+    def _least_loaded(self, loads: list[float], prompt: int | None) -> int | None:
+        """A replica of least load (with room for the whole prompt, unless None), at random
+        among those within `tie_s` of the least: loads come from reports of different ages, and
+        a strict minimum would send every request to whichever replica happened to report last.
+        """
         replicas = self._replicas
         limit = min(loads) + self.weights.tie_s
         ties = [i for i, load in enumerate(loads) if load <= limit]
         pos = ties[self.rng.randrange(len(ties))]
-        if replicas[pos].free_blocks * replicas[pos].block_size >= prompt:
+        if prompt is None or replicas[pos].free_blocks * replicas[pos].block_size >= prompt:
             return pos
         room = [
             i for i, r in enumerate(replicas) if r.free_blocks * r.block_size >= prompt
         ]  # rare: the least loaded replica is full
-        return self._random_argmin(room, loads) if room else None
-
-    def _random_argmin(self, positions, loads: list[float]) -> int:
-        positions = list(positions)
-        lowest = min(loads[i] for i in positions)
-        return self.rng.choice([i for i in positions if loads[i] == lowest])
+        if not room:
+            return None
+        lowest = min(loads[i] for i in room)
+        return self.rng.choice([i for i in room if loads[i] <= lowest + self.weights.tie_s])
 
     def _ranked(self, pos: int, considered: list[tuple[float, int]]) -> list[str]:
         """The choice, then the other replicas it was weighed against, cheapest first (then, if

@@ -133,22 +133,26 @@ OUTLIER_RELATIVE_ERROR = 0.5  # a step this far off the fit (and 4x the median) 
 def fit(samples: Iterable[StepSample], name: str = "", note: str = "") -> StepTimeModel:
     """Non-negative least squares over measured steps, on relative error: a 30 ms decode step
     weighs as much as a 500 ms prefill, so neither ITL (decodes) nor TTFT (prefills) is given up
-    for the other. Steps far off the fit (another process took the CPU) are dropped and the fit
-    redone, twice: on a shared machine a few steps take 10x their time."""
+    for the other. Errors are taken relative to the fit's own prediction (iterated: a gamma
+    regression), not to the measurement, which would bias every step's time low. Steps far off
+    the fit (another process took the CPU) are dropped: on a shared machine a few steps take 10x
+    their time."""
     samples = [s for s in samples if s.seconds > 0]
     if len(samples) < 2 * len(StepShape._fields) + 2:
         raise ValueError(f"too few timed steps to fit a step-time model: {len(samples)}")
     kept = samples
-    for _ in range(3):
+    scale = [s.seconds for s in kept]
+    for _ in range(4):
         rows = [[1.0, *s.shape] for s in kept]
         coefficients = nnls(
-            [[x / s.seconds for x in row] for row, s in zip(rows, kept, strict=True)],
-            [1.0] * len(kept),
+            [[x / c for x in row] for row, c in zip(rows, scale, strict=True)],
+            [s.seconds / c for s, c in zip(kept, scale, strict=True)],
         )
         model = StepTimeModel(*coefficients, name=name, note=note)
         errors = relative_errors(model, samples)
         bound = max(OUTLIER_RELATIVE_ERROR, 4 * sorted(errors)[len(errors) // 2])
         kept = [s for s, e in zip(samples, errors, strict=True) if e <= bound]
+        scale = [max(model.seconds(*s.shape), 1e-9) for s in kept]
     return model
 
 
