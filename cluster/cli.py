@@ -278,6 +278,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         args.policies,
         args.requests,
         progress=progress,
+        requests_per_replica=args.requests_per_replica,
         step_model=model,
         replica=spec,
         stats_period_s=args.stats_period,
@@ -406,7 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=["round_robin", "power_of_two", "queue_kv", "cost"],
         choices=["round_robin", "power_of_two", "queue_kv", "cost"],
     )
-    simulate.add_argument("--requests", type=int, default=10_000)
+    simulate.add_argument("--requests", type=int, default=10_000, help="per run (at most)")
+    simulate.add_argument(
+        "--requests-per-replica", type=int, help="scale requests with the replica count"
+    )
     simulate.add_argument("--step-model", default=str(DEFAULT_STEP_MODEL), help="JSON file")
     simulate.add_argument(
         "--stats-period", type=float, default=0.5, help="seconds between load reports (0: live)"

@@ -16,13 +16,13 @@ twice, the basis of the capacity estimate that load fractions refer to.
 from __future__ import annotations
 
 import random
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from scheduler.block_manager import extend_block_hashes, prompt_block_hashes
 
-VOCAB = 50_000
-_TOKENS = range(VOCAB)
+VOCAB = 1 << 16  # token ids are 16-bit: drawn as random bytes, in C
 WORKLOADS = ("chat", "agent", "none")
 
 
@@ -84,7 +84,7 @@ class Workload:
         return self._next_id
 
     def _tokens(self, n: int) -> list[int]:
-        return self.rng.choices(_TOKENS, k=n)
+        return array("H", self.rng.randbytes(2 * n)).tolist()
 
 
 def output_token(request_id: int, index: int) -> int:
@@ -161,7 +161,7 @@ class Chat(Workload):
     turns: tuple[int, int] = (2, 8)
     question_len: tuple[int, int] = (50, 300)
     output_len: tuple[int, int] = (50, 300)
-    think_time_s: float = 5.0  # mean (exponential) between an answer and the next question
+    think_time_s: float = 2.0  # mean (exponential) between an answer and the next question
     _systems: list[tuple[list[int], list[bytes]]] = field(default_factory=list, init=False)
 
     def arrivals(self, num_requests: int) -> Iterator[SimRequest]:

@@ -12,6 +12,7 @@ over views that are as stale as the last report.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import itertools
 import math
@@ -37,6 +38,7 @@ from scheduler.routing import (
 from scheduler.step_time import StepTimeModel, step_shape
 
 POLICIES = ("round_robin", "power_of_two", "queue_kv", "cost")
+GC_EVERY_EVENTS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -164,15 +166,14 @@ class LogHistogram:
     """Latencies in log-spaced buckets (0.5% wide): percentiles of millions of inter-token gaps
     without keeping them."""
 
-    RATIO = 1.005
-    FLOOR = 1e-6
+    SCALE = 1 / math.log(1.005)  # buckets per unit of ln(seconds)
 
     def __init__(self) -> None:
         self.counts: dict[int, int] = {}
         self.n = 0
 
     def add(self, value: float) -> None:
-        bucket = int(math.log(max(value, self.FLOOR) / self.FLOOR, self.RATIO))
+        bucket = int(math.log(value) * self.SCALE) if value > 0 else -(1 << 20)
         self.counts[bucket] = self.counts.get(bucket, 0) + 1
         self.n += 1
 
@@ -184,7 +185,7 @@ class LogHistogram:
         for bucket in sorted(self.counts):
             seen += self.counts[bucket]
             if seen > rank:
-                return self.FLOOR * self.RATIO ** (bucket + 0.5)
+                return math.exp((bucket + 0.5) / self.SCALE)
         return float("nan")
 
 
@@ -272,33 +273,46 @@ class Simulator:
         matched_blocks = 0
         admitted = rejected = steps = 0
         events = self._events
-        while events:
-            now, _, kind, payload = heapq.heappop(events)
-            if kind == 0:  # a request arrives
-                request, from_stream = payload
-                if admitted + rejected >= num_requests:
-                    continue
-                if from_stream:
-                    self._push_next_arrival(arrivals)
-                k = self.rng.randrange(len(self.routers))
-                route_request = RouteRequest(
-                    request.prompt_tokens, request.block_hashes, request.session_id
-                )
-                t0 = time.perf_counter()
-                decision = self.routers[k].route(route_request, now)
-                decision_s.append(time.perf_counter() - t0)
-                reasons[decision.reason] += 1
-                matched_blocks += decision.matched_blocks
-                replica = self.by_id[decision.replica_id]
-                if self._admit(replica, request, k, now):
-                    admitted += 1
-                else:
-                    rejected += 1
-            elif kind == 1:  # a step ends
-                steps += 1
-                self._end_step(payload, now, results, itl, workload)
-            else:  # a report is due
-                self._report(payload, now)
+        # Python's cyclic GC runs here only between events, never inside a timed routing call:
+        # a collection of the simulator's millions of objects (every replica's sequences) is
+        # not the router's cost, and in a router process it has little to scan.
+        gc_enabled = gc.isenabled()
+        gc.disable()
+        handled = 0
+        try:
+            while events:
+                handled += 1
+                if not handled % GC_EVERY_EVENTS:
+                    gc.collect(1)
+                now, _, kind, payload = heapq.heappop(events)
+                if kind == 0:  # a request arrives
+                    request, from_stream = payload
+                    if admitted + rejected >= num_requests:
+                        continue
+                    if from_stream:
+                        self._push_next_arrival(arrivals)
+                    k = self.rng.randrange(len(self.routers))
+                    route_request = RouteRequest(
+                        request.prompt_tokens, request.block_hashes, request.session_id
+                    )
+                    t0 = time.perf_counter()
+                    decision = self.routers[k].route(route_request, now)
+                    decision_s.append(time.perf_counter() - t0)
+                    reasons[decision.reason] += 1
+                    matched_blocks += decision.matched_blocks
+                    replica = self.by_id[decision.replica_id]
+                    if self._admit(replica, request, k, now):
+                        admitted += 1
+                    else:
+                        rejected += 1
+                elif kind == 1:  # a step ends
+                    steps += 1
+                    self._end_step(payload, now, results, itl, workload)
+                else:  # a report is due
+                    self._report(payload, now)
+        finally:
+            if gc_enabled:
+                gc.enable()
         wall = time.perf_counter() - start_wall
         return self._result(
             workload, results, itl, decision_s, reasons, matched_blocks, rejected, steps, wall
@@ -339,21 +353,24 @@ class Simulator:
     def _end_step(self, replica: _Replica, now: float, results, itl, workload) -> None:
         batch = replica.batch
         sched = replica.scheduler
+        # The sequences that sample this step (as LLMEngine._run), before counting tokens.
         due = [
             seq
             for seq, n in zip(batch.seqs, batch.num_tokens, strict=True)
-            if seq.num_computed_tokens + n == seq.num_tokens
+            if seq.num_computed_tokens + n == len(seq.token_ids)
         ]
         sched.update_computed(batch)
+        flights = replica.flights
         for seq in due:
-            flight = replica.flights[seq]
-            seq.append_token(output_token(flight.request.request_id, seq.num_output_tokens))
+            flight = flights[seq]
+            produced = len(seq.token_ids) - seq.num_prompt_tokens
+            seq.append_token(output_token(flight.request.request_id, produced))
             if flight.first_token is None:
                 flight.first_token = now
             else:
                 itl.add(now - flight.last_token)
             flight.last_token = now
-            if seq.num_output_tokens >= seq.max_tokens:
+            if produced + 1 >= seq.max_tokens:
                 sched.finish(seq, SequenceStatus.FINISHED_LENGTH)
                 del replica.flights[seq]
                 request = flight.request
@@ -467,10 +484,13 @@ def sweep(
     policies: list[str],
     num_requests: int,
     progress=None,
+    requests_per_replica: int | None = None,
     **config,
 ) -> list[dict]:
     """Every (replicas, load, policy) combination on the same seeded workload. A load is a
-    fraction of `capacity_rps` (the same offered rate for every policy)."""
+    fraction of `capacity_rps` (the same offered rate for every policy). With
+    `requests_per_replica`, each replica count gets that many requests per replica (at most
+    `num_requests`)."""
     from cluster.sim_workloads import make_workload
 
     runs = []
@@ -483,7 +503,10 @@ def sweep(
                 capacity = capacity_rps(probe.shape(), spec, sim_config.step_model, count)
                 rate = load * capacity * count
                 trace = make_workload(workload, rate, spec.block_size, seed, **workload_options)
-                result = simulate(sim_config, trace, num_requests).as_dict()
+                requests = num_requests
+                if requests_per_replica:
+                    requests = min(num_requests, requests_per_replica * count)
+                result = simulate(sim_config, trace, requests).as_dict()
                 result["load"] = load
                 result["capacity_rps_per_replica"] = capacity
                 result["workload"]["options"] = workload_options

@@ -156,22 +156,48 @@ class PrefixIndex:
     # --- queries --------------------------------------------------------------------------------
 
     def match(self, hashes: Sequence[bytes]) -> dict[str, int]:
-        """For each replica holding the prompt's first block: how many leading blocks it holds."""
+        """For each replica holding the prompt's first block: how many leading blocks it holds.
+
+        A replica's prefix cache evicts a block no earlier than the blocks after it in any
+        prompt (a block is only ever used with its whole prefix, and a finished sequence frees
+        its tail first), so along a prompt the sets of holders only shrink. That makes the
+        answer a bisection: find where the holder set changes, a few lookups per distinct
+        answer instead of one per block (16 for a 6k-token prompt instead of 375). An index
+        made stale by lost reports may break the order; then the answer is approximate, which
+        only costs hits.
+        """
+        if not hashes:
+            return {}
         holders = self._holders
-        replica_of = self._replica_of
-        candidates = 0
+
+        def holders_of(i: int) -> int:
+            value = holders.get(hashes[i], 0)
+            return 1 << ~value if value < 0 else value
+
         matched: dict[str, int] = {}
-        for i, block_hash in enumerate(hashes):
-            value = holders.get(block_hash, 0)
-            mask = 1 << ~value if value < 0 else value
-            if i == 0:
-                candidates = mask
-            elif mask & candidates != candidates:
-                _record(candidates & ~mask, i, matched, replica_of)
-                candidates &= mask
-            if not candidates:
-                return matched
-        _record(candidates, len(hashes), matched, replica_of)
+        replica_of = self._replica_of
+        first = holders_of(0)
+        if not first:
+            return matched
+        end = len(hashes) - 1
+        last = holders_of(end) & first if end else first
+        _record(last, len(hashes), matched, replica_of)
+        # Intervals (lo, hi) with known holder sets at both ends; between them the set only
+        # shrinks, and a replica in lo's set but not hi's holds exactly the blocks up to a
+        # change point inside.
+        stack = [(0, first, end, last)] if end else []
+        while stack:
+            lo, lo_set, hi, hi_set = stack.pop()
+            if lo_set == hi_set:
+                continue
+            if hi == lo + 1:
+                _record(lo_set & ~hi_set, hi, matched, replica_of)
+                continue
+            mid = (lo + hi) // 2
+            mid_set = holders_of(mid) & lo_set
+            hi_set &= mid_set
+            stack.append((mid, mid_set, hi, hi_set))
+            stack.append((lo, lo_set, mid, mid_set))
         return matched
 
     def touch(self, hashes: Sequence[bytes]) -> None:

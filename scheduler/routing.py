@@ -18,11 +18,11 @@ argument, so the simulator runs them on a virtual clock and the Serve router on 
 from __future__ import annotations
 
 import random
-from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from scheduler.prefix_index import PrefixIndex
+from scheduler.routing_state import LoadBoard, PendingLoad, RoutedPrefixes, SessionTable
 
 # --- the queue + KV baseline -----------------------------------------------------------------
 
@@ -82,6 +82,7 @@ def rank_replicas(
 # --- what the stateful policies see ------------------------------------------------------------
 
 PREFIX_HIT, LOAD, FALLBACK, SESSION = "prefix_hit", "load", "fallback", "session"
+TIE_SAMPLES = 4  # least-loaded candidates drawn per decision
 REASONS = (PREFIX_HIT, LOAD, FALLBACK, SESSION)
 
 
@@ -120,137 +121,6 @@ class RoutingDecision:
         return self.replica_ids[0]
 
 
-class PendingLoad:
-    """Anti-herding: requests this router sent that a replica's reports do not show yet count
-    against it at once, so a burst does not pile onto the replica that looked best a report ago.
-
-    An entry is dropped by the first report taken `report_lag_s` after it was routed (the report
-    then counts it in its queue), or after `ttl_s` whatever happens (a report lost or never sent).
-    """
-
-    def __init__(self, report_lag_s: float = 0.0, ttl_s: float = 30.0):
-        self.report_lag_s = report_lag_s
-        self.ttl_s = ttl_s
-        self._entries: dict[str, deque[tuple[float, int, int]]] = {}
-        self._sums: dict[str, list[int]] = {}  # replica -> [requests, tokens, blocks]
-
-    def add(self, replica_id: str, now: float, tokens: int, blocks: int) -> None:
-        self._entries.setdefault(replica_id, deque()).append((now, tokens, blocks))
-        sums = self._sums.setdefault(replica_id, [0, 0, 0])
-        sums[0] += 1
-        sums[1] += tokens
-        sums[2] += blocks
-
-    def reflect(self, replica_id: str, report_time: float, now: float) -> None:
-        """A report taken at `report_time` arrived: drop what it shows (and what expired)."""
-        entries = self._entries.get(replica_id)
-        if not entries:
-            return
-        cutoff = max(report_time - self.report_lag_s, now - self.ttl_s)
-        sums = self._sums[replica_id]
-        while entries and entries[0][0] <= cutoff:
-            _, tokens, blocks = entries.popleft()
-            sums[0] -= 1
-            sums[1] -= tokens
-            sums[2] -= blocks
-
-    def entries(self, replica_id: str) -> Sequence[tuple[float, int, int]]:
-        """(routed at, tokens, blocks) of each request not yet reported, oldest first."""
-        return self._entries.get(replica_id, ())
-
-    def get(self, replica_id: str) -> tuple[int, int, int]:
-        """(requests, prompt tokens to prefill, KV blocks) routed and not yet reported."""
-        sums = self._sums.get(replica_id)
-        return (0, 0, 0) if sums is None else (sums[0], sums[1], sums[2])
-
-    def drop(self, replica_id: str) -> None:
-        self._entries.pop(replica_id, None)
-        self._sums.pop(replica_id, None)
-
-
-class RoutedPrefixes:
-    """Prompts this router sent to each replica in the last `ttl_s`: the replica will hold their
-    blocks once it prefills, seconds before its report says so. Matching against them sends a
-    burst of one new prefix to one replica (which computes it once) instead of to every replica.
-    A wrong guess (the request failed, the blocks were evicted) only costs a hit.
-
-    Chained hashes make this cheap: two prompts share their first i blocks exactly when their
-    i-th block hashes are equal, so the blocks two prompts share are found by binary search.
-    """
-
-    def __init__(self, ttl_s: float):
-        self.ttl_s = ttl_s
-        self._by_first: dict[bytes, list[tuple[str, Sequence[bytes]]]] = {}
-        self._expiry: deque[tuple[float, tuple[str, Sequence[bytes]]]] = deque()
-
-    def add(self, replica_id: str, hashes: Sequence[bytes], now: float) -> None:
-        """Remember a routed prompt (`hashes` is kept, not copied: append to it at most)."""
-        if hashes:
-            entry = (replica_id, hashes)
-            self._by_first.setdefault(hashes[0], []).append(entry)
-            self._expiry.append((now + self.ttl_s, entry))
-
-    def match(self, hashes: Sequence[bytes]) -> dict[str, int]:
-        """Per replica, the most leading blocks of `hashes` that a prompt routed there shares."""
-        matched: dict[str, int] = {}
-        if not hashes:
-            return matched
-        for replica_id, routed in self._by_first.get(hashes[0], ()):
-            low, high = 1, min(len(hashes), len(routed))  # blocks [0, low) are shared
-            while low < high:
-                mid = (low + high + 1) // 2
-                if routed[mid - 1] == hashes[mid - 1]:
-                    low = mid
-                else:
-                    high = mid - 1
-            if low > matched.get(replica_id, 0):
-                matched[replica_id] = low
-        return matched
-
-    def expire(self, now: float) -> None:
-        expiry = self._expiry
-        while expiry and expiry[0][0] <= now:
-            _, entry = expiry.popleft()
-            first = entry[1][0]
-            entries = self._by_first.get(first)
-            if entries is not None:
-                entries.remove(entry)
-                if not entries:
-                    del self._by_first[first]
-
-    def drop(self, replica_id: str) -> None:
-        for first in list(self._by_first):
-            kept = [e for e in self._by_first[first] if e[0] != replica_id]
-            if kept:
-                self._by_first[first] = kept
-            else:
-                del self._by_first[first]
-        self._expiry = deque(item for item in self._expiry if item[1][0] != replica_id)
-
-
-class SessionTable:
-    """Session id -> the replica that served it last; bounded, least recently used out."""
-
-    def __init__(self, max_sessions: int = 100_000):
-        self.max_sessions = max_sessions
-        self._replica: OrderedDict[str, str] = OrderedDict()
-
-    def get(self, session_id: str) -> str | None:
-        replica_id = self._replica.get(session_id)
-        if replica_id is not None:
-            self._replica.move_to_end(session_id)
-        return replica_id
-
-    def set(self, session_id: str, replica_id: str) -> None:
-        self._replica[session_id] = replica_id
-        self._replica.move_to_end(session_id)
-        if len(self._replica) > self.max_sessions:
-            self._replica.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._replica)
-
-
 # --- the cache-aware policy ----------------------------------------------------------------------
 
 
@@ -263,7 +133,7 @@ class CostWeights:
     """
 
     prefill_s_per_token: float = 1e-4  # prefilling one prompt token (queued, or this prompt's)
-    request_s: float = 0.01  # each request a replica runs or queues (its share of every step)
+    request_s: float = 0.005  # each request a replica runs or queues: it slows every step
     kv_fill_s: float = 0.02  # a full KV cache (scaled by the fill): preemption risk, no room
     tie_s: float = 0.005  # loads this close to the least count as equal (chosen at random)
     load_guard_s: float = 1.0  # affinity may cost at most this much more load than the least...
@@ -289,14 +159,20 @@ class CostWeights:
 
     @classmethod
     def from_step_model(
-        cls, model, max_num_batched_tokens: int, typical_context: int = 2048, **overrides
+        cls,
+        model,
+        max_num_batched_tokens: int,
+        typical_context: int = 2048,
+        decode_steps: int = 32,
+        **overrides,
     ) -> CostWeights:
-        """Weights from a `StepTimeModel`: a full prefill step's time per token, one running
-        request's share of a step (its token, sequence and KV read), and one small step as the
-        tie tolerance (twice that for a full KV cache)."""
+        """Weights from a `StepTimeModel`: a full prefill step's time per token; one running
+        request's share of a step (its token, sequence and KV read) over the new request's first
+        `decode_steps` tokens; one small step as the tie tolerance (twice that for a full KV
+        cache); a few full prefill steps as the load guard."""
         chunk = max_num_batched_tokens
         per_token = model.seconds(chunk, 1, chunk, chunk * typical_context) / chunk
-        running = (
+        running = decode_steps * (
             model.per_token_s
             + model.per_seq_s
             + (model.per_kv_token_s + model.per_attention_pair_s) * typical_context
@@ -308,6 +184,7 @@ class CostWeights:
             "request_s": running,
             "tie_s": step,
             "kv_fill_s": 2 * step,
+            "load_guard_s": 4 * chunk * per_token,
             **overrides,
         }
         return cls(**values)
@@ -315,10 +192,11 @@ class CostWeights:
 
 @dataclass
 class _Replica:
-    replica_id: str
     state: ReplicaState
     free_blocks: float = float("inf")  # after what was routed and not reported
     block_size: int = 16
+    requests: int = 0  # running or queued, reported plus routed since
+    routed_at: float = float("-inf")  # when this router last sent it a request
 
 
 class CostPolicy:
@@ -333,8 +211,9 @@ class CostPolicy:
     than one that just reported, and a burst counts at once. Requests and KV blocks also count
     what was sent since the report. Choose the smallest cost among replicas with room for the
     uncached prompt; if its load passes the guard (more than `load_guard_s` over the least loaded
-    and `load_guard_ratio` times it), take the least loaded instead. Nothing fits: the least
-    loaded (it queues there). Ties are broken at random.
+    and `load_guard_ratio` times it), take the least loaded instead. Nothing fits: the same
+    choice without the room check (it queues there). Loads within `tie_s` are equal; ties are
+    broken at random.
     """
 
     def __init__(
@@ -349,49 +228,36 @@ class CostPolicy:
         self.pending = PendingLoad(weights.report_lag_s, weights.pending_ttl_s)
         self.routed = RoutedPrefixes(weights.routed_prefix_ttl_s)
         self.sessions = SessionTable()
-        self._replicas: list[_Replica] = []
-        self._position: dict[str, int] = {}
-        # Parallel to _replicas, so a route is a few C-speed passes at 1,024 replicas: when the
-        # queued prefill would be done (absolute time), and the other load terms (seconds).
-        self._prefill_until: list[float] = []
-        self._other_load: list[float] = []
+        self._replicas: dict[str, _Replica] = {}
+        self._loads = LoadBoard()
 
     # --- replica reports ------------------------------------------------------------------------
 
     def update_replica(self, replica_id: str, state: ReplicaState, now: float) -> None:
         """A replica's new report (a new replica joins with its first)."""
-        pos = self._position.get(replica_id)
-        if pos is None:
-            pos = self._position[replica_id] = len(self._replicas)
-            self._replicas.append(_Replica(replica_id, state))
-            self._prefill_until.append(0.0)
-            self._other_load.append(0.0)
-        self._replicas[pos].state = state
+        replica = self._replicas.get(replica_id)
+        if replica is None:
+            replica = self._replicas[replica_id] = _Replica(state)
+        replica.state = state
         self.pending.reflect(replica_id, state.time, now)
-        self._refresh(pos)
+        self._refresh(replica_id, now)
 
     def remove_replica(self, replica_id: str) -> None:
         """Forget a replica (dead or scaled down). The router also drops it from the index."""
-        pos = self._position.pop(replica_id, None)
-        if pos is None:
-            return
-        last = self._replicas.pop()
-        until, other = self._prefill_until.pop(), self._other_load.pop()
-        if pos < len(self._replicas):
-            self._replicas[pos] = last
-            self._prefill_until[pos], self._other_load[pos] = until, other
-            self._position[last.replica_id] = pos
-        self.pending.drop(replica_id)
-        self.routed.drop(replica_id)
+        if self._replicas.pop(replica_id, None) is not None:
+            self._loads.remove(replica_id)
+            self.pending.drop(replica_id)
+            self.routed.drop(replica_id)
 
     @property
     def replica_ids(self) -> list[str]:
-        return [r.replica_id for r in self._replicas]
+        return list(self._replicas)
 
     def load_of(self, replica_id: str, now: float) -> float:
-        """The estimated seconds before a new request's own prefill could start there."""
-        pos = self._position[replica_id]
-        return max(self._prefill_until[pos] - now, 0.0) + self._other_load[pos]
+        """The estimated seconds a new request would wait there, before its own prefill."""
+        return self._loads.load(replica_id, now) + self.weights.request_s * (
+            self._replicas[replica_id].requests
+        )
 
     # --- routing --------------------------------------------------------------------------------
 
@@ -407,72 +273,67 @@ class CostPolicy:
                 for replica_id, blocks in self.index.match(request.block_hashes).items():
                     if blocks > matched.get(replica_id, 0):
                         matched[replica_id] = blocks
-        # Each replica's load now, offset by `now` (argmin is the same; no subtraction per item).
-        loads = [
-            (until if until > now else now) + other
-            for until, other in zip(self._prefill_until, self._other_load, strict=True)
-        ]
-        pos, reason, others = self._choose(request, matched, loads, now)
-        chosen = self._replicas[pos]
-        hit = matched.get(chosen.replica_id, 0)
-        decision = RoutingDecision(self._ranked(pos, others), reason, hit)
+        chosen, reason, others = self._choose(request, matched, now)
+        replica = self._replicas[chosen]
+        hit = matched.get(chosen, 0)
+        decision = RoutingDecision(self._ranked(chosen, others), reason, hit)
         # Count the request against its replica at once (anti-herding) and remember its blocks.
-        block_size = chosen.block_size
-        uncached = max(request.prompt_tokens - hit * block_size, 1)
-        self.pending.add(chosen.replica_id, now, uncached, -(-uncached // block_size))
-        self._refresh(pos)
+        uncached = max(request.prompt_tokens - hit * replica.block_size, 1)
+        self.pending.add(chosen, now, uncached, -(-uncached // replica.block_size))
+        replica.routed_at = now
+        self._refresh(chosen, now)
         if request.block_hashes:
-            self.routed.add(chosen.replica_id, request.block_hashes, now)
+            self.routed.add(chosen, request.block_hashes, now)
             if self.index is not None:
                 self.index.touch(request.block_hashes[:hit])
         if request.session_id is not None and w.session_affinity:
-            self.sessions.set(request.session_id, chosen.replica_id)
+            self.sessions.set(request.session_id, chosen)
         return decision
 
     def _choose(
-        self, request: RouteRequest, matched: dict[str, int], loads: list[float], now: float
-    ) -> tuple[int, str, list[tuple[float, int]]]:
-        """The choice, its reason, and the other replicas considered as (cost, position)."""
+        self, request: RouteRequest, matched: dict[str, int], now: float
+    ) -> tuple[str, str, list[tuple[float, str]]]:
+        """The choice, its reason, and the other replicas considered as (cost, id)."""
         w = self.weights
         p = w.prefill_s_per_token
+        load = self.load_of
         replicas = self._replicas
         prompt = request.prompt_tokens
-        fitting = {
-            pos
-            for replica_id in matched
-            if (pos := self._position.get(replica_id)) is not None
-            and self._fits(pos, prompt, matched)
-        }
-        least = self._least_loaded(loads, prompt)
+        matched = {r: blocks for r, blocks in matched.items() if r in replicas}
+        fitting = {r for r in matched if self._fits(r, prompt, matched)}
+        least = self._least_loaded(now, prompt)
         # Room nowhere for the uncached prompt: it will queue wherever it goes, so still go
         # where the estimated TTFT is lowest (the cached prefix may well still be there).
         fallback = least is None and not fitting
         if least is None:
-            least = self._least_loaded(loads, None)
-        min_load = loads[least] - now
+            least = self._least_loaded(now, None)
+        min_load = load(least, now)
 
-        def guard_ok(pos: int) -> bool:
-            load = loads[pos] - now
-            return load - min_load <= w.load_guard_s or load <= w.load_guard_ratio * min_load
+        def guard_ok(replica_id: str) -> bool:
+            extra = load(replica_id, now)
+            return extra - min_load <= w.load_guard_s or extra <= w.load_guard_ratio * min_load
 
         if request.session_id is not None and w.session_affinity:
             replica_id = self.sessions.get(request.session_id)
-            pos = self._position.get(replica_id) if replica_id is not None else None
-            if pos is not None and guard_ok(pos) and (fallback or self._fits(pos, prompt, matched)):
-                return pos, SESSION, []
-        considered: list[tuple[float, int]] = []
+            if (
+                replica_id in replicas
+                and guard_ok(replica_id)
+                and (fallback or self._fits(replica_id, prompt, matched))
+            ):
+                return replica_id, SESSION, []
+        considered: list[tuple[float, str]] = []
         best, best_cost = None, float("inf")
         for replica_id, blocks in matched.items():
-            pos = self._position.get(replica_id)
-            if pos is None or not (fallback or pos in fitting):
+            if not (fallback or replica_id in fitting):
                 continue
-            cost = loads[pos] - now + p * max(prompt - blocks * replicas[pos].block_size, 1)
-            considered.append((cost, pos))
+            uncached = max(prompt - blocks * replicas[replica_id].block_size, 1)
+            cost = load(replica_id, now) + p * uncached
+            considered.append((cost, replica_id))
             if cost < best_cost:
-                best, best_cost = pos, cost
+                best, best_cost = replica_id, cost
         least_cost = min_load + p * prompt
         considered.append((least_cost, least))
-        room_least = fallback or replicas[least].free_blocks * replicas[least].block_size >= prompt
+        room_least = fallback or self._has_room(least, prompt)
         # A cache hit that is as fast as recomputing elsewhere (within the tie) still wins: it
         # saves the cluster the prefill.
         if best is None or (room_least and least_cost < best_cost - w.tie_s):
@@ -481,61 +342,72 @@ class CostPolicy:
             best = least
         if fallback:
             return best, FALLBACK, considered
-        hit = matched.get(replicas[best].replica_id, 0)
-        return best, (PREFIX_HIT if hit else LOAD), considered
+        return best, (PREFIX_HIT if matched.get(best) else LOAD), considered
 
-    def _fits(self, pos: int, prompt: int, matched: dict[str, int]) -> bool:
-        replica = self._replicas[pos]
-        needed = -(-prompt // replica.block_size) - matched.get(replica.replica_id, 0)
+    def _fits(self, replica_id: str, prompt: int, matched: dict[str, int]) -> bool:
+        replica = self._replicas[replica_id]
+        needed = -(-prompt // replica.block_size) - matched.get(replica_id, 0)
         return replica.free_blocks >= needed
 
-    def _least_loaded(self, loads: list[float], prompt: int | None) -> int | None:
-        """A replica of least load (with room for the whole prompt, unless None), at random
-        among those within `tie_s` of the least: loads come from reports of different ages, and
-        a strict minimum would send every request to whichever replica happened to report last.
+    def _has_room(self, replica_id: str, prompt: int) -> bool:
+        replica = self._replicas[replica_id]
+        return replica.free_blocks * replica.block_size >= prompt
+
+    def _least_loaded(self, now: float, prompt: int | None) -> str | None:
+        """A replica with the least queued prefill and KV fill (within `tie_s`), with room for
+        the whole prompt unless `prompt` is None: of `TIE_SAMPLES` drawn at random among them,
+        the one this router sent a request to longest ago.
+
+        Not the fewest requests: counts from reports of different ages would send every request
+        to whichever replica happened to report last. Least recently used spaces requests out
+        like round-robin does (a replica that just got one is likely still prefilling it), and
+        sampling keeps it O(1) at 1,024 replicas. The queued prefill needs no such care: it is
+        estimated at routing time, draining as time passes.
         """
-        replicas = self._replicas
-        limit = min(loads) + self.weights.tie_s
-        ties = [i for i, load in enumerate(loads) if load <= limit]
-        pos = ties[self.rng.randrange(len(ties))]
-        if prompt is None or replicas[pos].free_blocks * replicas[pos].block_size >= prompt:
-            return pos
-        room = [
-            i for i, r in enumerate(replicas) if r.free_blocks * r.block_size >= prompt
-        ]  # rare: the least loaded replica is full
+        _, busy, idle = self._loads.least(now, self.weights.tie_s)
+        busy = busy or []
+        count = idle + len(busy)
+        picks = self.rng.sample(range(count), min(count, TIE_SAMPLES))
+        candidates = [self._loads.idle_at(k) if k < idle else busy[k - idle] for k in picks]
+        choice = min(candidates, key=lambda r: self._replicas[r].routed_at)
+        if prompt is None or self._has_room(choice, prompt):
+            return choice
+        # Rare: the least loaded replica is full; look at every replica with room.
+        room = [r for r in self._replicas if self._has_room(r, prompt)]
         if not room:
             return None
-        lowest = min(loads[i] for i in room)
-        return self.rng.choice([i for i in room if loads[i] <= lowest + self.weights.tie_s])
+        loads = [self.load_of(r, now) for r in room]
+        limit = min(loads) + self.weights.tie_s
+        return self.rng.choice([r for r, load in zip(room, loads, strict=True) if load <= limit])
 
-    def _ranked(self, pos: int, considered: list[tuple[float, int]]) -> list[str]:
+    def _ranked(self, chosen: str, considered: list[tuple[float, str]]) -> list[str]:
         """The choice, then the other replicas it was weighed against, cheapest first (then, if
         too few, random others): Serve tries them in turn if the choice refuses."""
         k = self.weights.fallbacks
-        ranked = [pos]
+        ranked = [chosen]
         for _, other in sorted(considered):
             if other not in ranked:
                 ranked.append(other)
-        n = len(self._replicas)
-        while len(ranked) < min(k + 1, n):
-            other = self.rng.randrange(n)
-            if other not in ranked:
-                ranked.append(other)
-        return [self._replicas[i].replica_id for i in ranked[: k + 1]]
+        if len(ranked) < k + 1:
+            ids = list(self._replicas)
+            for other in self.rng.sample(ids, min(len(ids), k + 1)):
+                if other not in ranked:
+                    ranked.append(other)
+        return ranked[: k + 1]
 
-    def _refresh(self, pos: int) -> None:
+    def _refresh(self, replica_id: str, now: float) -> None:
         """Recompute one replica's load from its last report plus what was routed since: the
         queued prefill as a fluid queue that drains a second per second."""
         w = self.weights
         p = w.prefill_s_per_token
-        replica = self._replicas[pos]
+        replica = self._replicas[replica_id]
         state = replica.state
         until = state.time + p * state.queued_prefill_tokens
-        for routed_at, tokens, _ in self.pending.entries(replica.replica_id):
+        for routed_at, tokens, _ in self.pending.entries(replica_id):
             until = max(until, routed_at) + p * tokens
-        self._prefill_until[pos] = until
-        requests, _, blocks = self.pending.get(replica.replica_id)
-        other = w.request_s * (state.outstanding + requests)
+        requests, _, blocks = self.pending.get(replica_id)
+        replica.requests = state.outstanding + requests
+        other = 0.0
         replica.block_size = state.block_size
         if state.free_blocks is not None and state.total_blocks:
             free = state.free_blocks - blocks
@@ -543,7 +415,7 @@ class CostPolicy:
             other += w.kv_fill_s * min(max(1.0 - free / state.total_blocks, 0.0), 1.0)
         else:
             replica.free_blocks = float("inf")
-        self._other_load[pos] = other
+        self._loads.set(replica_id, until, other, now)
 
 
 # --- classic baselines (for the simulator) ----------------------------------------------------

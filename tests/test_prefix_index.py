@@ -110,6 +110,9 @@ class IndexMachine(RuleBasedStateMachine):
 
     @invariant()
     def match_counts_leading_blocks(self):
+        """Exact while the index is the replicas' caches (no lost report); after a loss, only
+        plausible (it may cost hits, never name a replica without the first block)."""
+        consistent = all(reported is not None for reported in self.reported.values())
         for prefix in PREFIXES:
             hashes = prompt_block_hashes(prefix, BLOCK_SIZE)
             expected = {}
@@ -120,11 +123,37 @@ class IndexMachine(RuleBasedStateMachine):
                     n += 1
                 if n:
                     expected[name] = n
-            assert self.index.match(hashes) == expected
+            got = self.index.match(hashes)
+            if consistent:
+                assert got == expected
+            else:
+                assert set(got) == set(expected)
+                assert all(1 <= n <= len(hashes) for n in got.values())
 
 
 IndexMachine.TestCase.settings = settings(max_examples=120, stateful_step_count=40, deadline=None)
 test_index_state_machine = IndexMachine.TestCase
+
+
+def test_match_bisects_long_prompts_with_few_lookups():
+    index = PrefixIndex()
+    prompt = prompt_block_hashes(list(range(6000)), 16)  # 375 blocks
+    for r, blocks in enumerate((375, 375, 200, 17, 1)):
+        index.add(f"r{r}", prompt[:blocks])
+    lookups = []
+    holders = index._holders
+
+    class Counting(dict):
+        def get(self, key, default=None):
+            lookups.append(key)
+            return holders.get(key, default)
+
+    index._holders = Counting()
+    assert index.match(prompt) == {"r0": 375, "r1": 375, "r2": 200, "r3": 17, "r4": 1}
+    assert len(lookups) < 50, f"{len(lookups)} lookups for 375 blocks"
+    index._holders = holders
+    assert index.match(prompt[:1]) == {"r0": 1, "r1": 1, "r2": 1, "r3": 1, "r4": 1}
+    assert index.match([]) == {} and index.match([b"unknown"]) == {}
 
 
 def test_bounded_index_evicts_least_recently_used_tails_first():
