@@ -52,6 +52,7 @@ from replicas.errors import EngineDeadError
 from replicas.messages import EngineInfo
 from replicas.outputs import StreamDelta, decode_delta
 from replicas.sampling_params import SamplingParams, StructuredOutputsParams
+from scheduler.block_manager import prompt_block_hashes
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +159,10 @@ class OpenAIIngress:
         )
         log_id = self.log_id(raw)
         started = await asyncio.gather(
-            *(self.start(ids, params, deadline, log_id) for ids in token_prompts),
+            *(
+                self.start(ids, params, deadline, log_id, self.session_id(raw))
+                for ids in token_prompts
+            ),
             return_exceptions=True,
         )
         if errors := [s for s in started if isinstance(s, BaseException)]:
@@ -220,7 +224,7 @@ class OpenAIIngress:
         if body.may_call_tools:
             tools = responses.ToolUse(self.tool_parser, named=body.forces_named_call)
         log_id = self.log_id(raw)
-        stream = await self.start(prompt, params, deadline, log_id)
+        stream = await self.start(prompt, params, deadline, log_id, self.session_id(raw))
         response_id = f"chatcmpl-{log_id}"
         if body.stream:
             return self.stream_response(
@@ -357,14 +361,22 @@ class OpenAIIngress:
         return requested
 
     async def start(
-        self, prompt: list[int], params: SamplingParams, deadline: float, log_id: str
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        deadline: float,
+        log_id: str,
+        session_id: str | None = None,
     ) -> AsyncIterator[StreamDelta]:
         """Send a request to a replica and wait for its first output, so that a request the
         engine refuses becomes a 4xx before any response is sent. A replica found dead before
         it answered is reported to the router and the request goes to another. Past
         `deadline`, the request is cancelled (its blocks freed) and the client gets a 408."""
+        block_hashes = await self.block_hashes(prompt)
         for attempt in range(START_ATTEMPTS):
-            request = GenerateRequest(self.engine_request_id(), prompt, params, log_id)
+            request = GenerateRequest(
+                self.engine_request_id(), prompt, params, log_id, block_hashes, session_id
+            )
             response: DeploymentResponseGenerator = self.llm.options(
                 stream=True, _by_reference=False
             ).generate.remote(request)
@@ -409,6 +421,18 @@ class OpenAIIngress:
                 cancel_quietly(response)  # no-op if finished; aborts it if the client left
 
         return outputs()
+
+    async def block_hashes(self, prompt: list[int]) -> list[bytes]:
+        """The prompt's full-block hashes, as the replicas' block managers compute them: what
+        the router looks up in its prefix index (none when the policy does not use them)."""
+        if self.config.router.policy != "cost":
+            return []
+        block_size = (await self.engine_info()).block_size
+        return prompt_block_hashes(prompt, block_size)
+
+    def session_id(self, raw: Request) -> str | None:
+        header = self.config.router.session_header
+        return raw.headers.get(header) if header else None
 
     async def finish(self, result):
         """Await a whole (non-streaming) result, mapping replica failures to API errors."""

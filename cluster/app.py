@@ -26,15 +26,18 @@ def build_app(args: dict | None = None) -> Application:
     router = RequestRouterConfig(
         request_router_class=KVAwareRequestRouter,
         request_router_kwargs={
+            "policy": config.router.policy,
+            "cost_weights": config.router.cost,
             "queue_weight": config.router.queue_weight,
             "kv_cache_weight": config.router.kv_cache_weight,
+            "index_max_entries": config.router.index_max_entries,
         },
         request_routing_stats_period_s=config.router.stats_period_s,
         request_routing_stats_timeout_s=max(2 * config.router.stats_period_s, 1.0),
     )
     llm = LLMDeployment.options(
         request_router_config=router, **config.replicas.deployment_options()
-    ).bind(config.engine.model_dump(mode="json"))
+    ).bind(config.engine_for_replicas().model_dump(mode="json"))
     # The ingress outlives the engine replicas' grace, to end what they could not finish with
     # an error event and [DONE] rather than a cut connection.
     ingress = IngressDeployment.options(

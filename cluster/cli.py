@@ -1,4 +1,4 @@
-"""`python -m cluster <command>`: generate text offline, benchmark, (later) serve."""
+"""`python -m cluster <command>`: generate text offline, benchmark, serve, simulate, calibrate."""
 
 from __future__ import annotations
 
@@ -266,6 +266,91 @@ def cmd_status(args: argparse.Namespace) -> None:
     print(json.dumps(replica_stats(args.app), indent=2))
 
 
+DEFAULT_STEP_MODEL = (
+    Path(__file__).parent.parent / "configs" / "step-models" / "llama-8b-h100-estimate.json"
+)
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    from cluster.sim_plot import markdown_table, plot_sweep
+    from cluster.simulator import ReplicaSpec, sweep
+    from scheduler.routing import CostWeights
+    from scheduler.step_time import StepTimeModel
+
+    model = StepTimeModel.load(args.step_model)
+    spec = ReplicaSpec(
+        args.num_blocks,
+        args.block_size,
+        args.max_num_batched_tokens,
+        args.max_num_seqs,
+        args.max_model_len,
+    )
+    weights = None
+    if args.weights:
+        base = CostWeights.from_step_model(model, spec.max_num_batched_tokens)
+        weights = CostWeights(**{**base.__dict__, **json.loads(args.weights)})
+
+    def progress(run: dict) -> None:
+        print(markdown_table([run]).splitlines()[-1], flush=True)
+
+    print(markdown_table([]), flush=True)
+    runs = sweep(
+        args.workload,
+        json.loads(args.workload_options or "{}"),
+        args.replicas,
+        args.load,
+        args.policies,
+        args.requests,
+        progress=progress,
+        requests_per_replica=args.requests_per_replica,
+        step_model=model,
+        replica=spec,
+        stats_period_s=args.stats_period,
+        num_routers=args.routers,
+        cost_weights=weights,
+        seed=args.seed,
+        warmup_fraction=args.warmup,
+    )
+    if args.output_dir:
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        name = args.name or f"sim-{args.workload}"
+        (out / f"{name}.json").write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+        for path in plot_sweep(runs, out, name):
+            print(f"wrote {path}")
+        print(f"wrote {out / (name + '.json')}")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    import torch
+
+    from cluster.calibrate import calibrate, fidelity, poisson_trace
+    from replicas import LLMEngine
+
+    torch.set_num_threads(args.threads)
+    engine = LLMEngine(engine_config_from_args(args, num_threads=args.threads))
+    bs = engine.block_manager.block_size
+    workload = dict(
+        num_requests=args.requests,
+        prompt_len=tuple(args.prompt_len),
+        output_len=tuple(args.output_len),
+        block_size=bs,
+    )
+    traces = [
+        poisson_trace(engine.vocab_size, rate=rate, seed=10 + i, **workload)
+        for i, rate in enumerate(args.rates)
+    ]
+    name = args.name or f"{engine.model_name}-{engine.device.type}"
+    model, quality = calibrate(engine, name, traces, scale=args.scale)
+    report = {"model": model.to_dict(), "fit": quality}
+    if args.check_rate:
+        held_out = poisson_trace(engine.vocab_size, rate=args.check_rate, seed=1, **workload)
+        report["fidelity"] = fidelity(engine, model, held_out)
+    model.save(args.output, **quality, fidelity=report.get("fidelity"))
+    print(json.dumps(report, indent=2))
+    print(f"wrote {args.output}")
+
+
 def cmd_k8s(args: argparse.Namespace) -> None:
     from cluster.k8s import write_manifests
 
@@ -359,6 +444,64 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", help="write the JSON report (with per-request latencies) here")
     add_engine_arguments(bench)
     bench.set_defaults(func=cmd_bench)
+
+    simulate = commands.add_parser(
+        "simulate",
+        help="simulate a cluster: the real scheduler and routing policies on a virtual clock",
+    )
+    simulate.add_argument("--workload", default="agent", choices=["chat", "agent", "none"])
+    simulate.add_argument(
+        "--workload-options", help='JSON, e.g. \'{"num_prefixes": 150, "prefix_len": 6000}\''
+    )
+    simulate.add_argument("--replicas", type=int, nargs="+", default=[64])
+    simulate.add_argument(
+        "--load", type=float, nargs="+", default=[0.8], help="fractions of ideal capacity"
+    )
+    simulate.add_argument(
+        "--policies",
+        nargs="+",
+        default=["round_robin", "power_of_two", "queue_kv", "cost"],
+        choices=["round_robin", "power_of_two", "queue_kv", "cost"],
+    )
+    simulate.add_argument("--requests", type=int, default=10_000, help="per run (at most)")
+    simulate.add_argument(
+        "--requests-per-replica", type=int, help="scale requests with the replica count"
+    )
+    simulate.add_argument("--step-model", default=str(DEFAULT_STEP_MODEL), help="JSON file")
+    simulate.add_argument(
+        "--stats-period", type=float, default=0.5, help="seconds between load reports (0: live)"
+    )
+    simulate.add_argument("--routers", type=int, default=1, help="router instances")
+    simulate.add_argument("--weights", help="cost policy overrides, JSON: '{\"tie_s\": 0.01}'")
+    simulate.add_argument("--num-blocks", type=int, default=16384)
+    simulate.add_argument("--block-size", type=int, default=16)
+    simulate.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    simulate.add_argument("--max-num-seqs", type=int, default=256)
+    simulate.add_argument("--max-model-len", type=int, default=32768)
+    simulate.add_argument("--warmup", type=float, default=0.1, help="fraction left out of stats")
+    simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument("--output-dir", help="write <name>.json and plots here")
+    simulate.add_argument("--name", help="file name prefix (default: sim-<workload>)")
+    simulate.set_defaults(func=cmd_simulate)
+
+    calibrate = commands.add_parser(
+        "calibrate", help="fit the simulator's step-time model to the engine on this machine"
+    )
+    calibrate.add_argument("--output", required=True, help="the step-time model JSON to write")
+    calibrate.add_argument("--name", help="a name for the model (default: model-device)")
+    calibrate.add_argument("--threads", type=int, default=2, help="torch threads")
+    calibrate.add_argument("--scale", type=float, default=1.0, help="shrink calibration lengths")
+    calibrate.add_argument("--requests", type=int, default=40, help="per replayed trace")
+    calibrate.add_argument(
+        "--rates", type=float, nargs="*", default=[1.0, 3.0], help="replayed trace rates (req/s)"
+    )
+    calibrate.add_argument("--prompt-len", type=int, nargs=2, default=[20, 300])
+    calibrate.add_argument("--output-len", type=int, nargs=2, default=[16, 128])
+    calibrate.add_argument(
+        "--check-rate", type=float, help="replay a held-out trace at this rate, engine vs simulator"
+    )
+    add_engine_arguments(calibrate)
+    calibrate.set_defaults(func=cmd_calibrate)
 
     k8s = commands.add_parser(
         "k8s", help="render k8s/ (the RayService and the Grafana dashboard) from their sources"

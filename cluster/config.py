@@ -2,30 +2,50 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.serve.config import AutoscalingConfig
 
 from replicas.config import EngineConfig
 from replicas.model_source import model_display_name
+from scheduler.routing import CostWeights
 
 
 class RouterConfig(BaseModel):
-    """How the KV-aware router weighs queue depth against KV-cache occupancy."""
+    """How the router picks a replica (docs/routing.md)."""
 
     model_config = ConfigDict(extra="forbid")
 
+    policy: Literal["cost", "queue_kv"] = Field(
+        "cost",
+        description="cost: estimated time to first token over the replicas' prefix caches; "
+        "queue_kv: queue depth and KV-cache fill only.",
+    )
+    cost: dict[str, float | bool | int] = Field(
+        default_factory=dict,
+        description="Overrides of the cost policy's settings (scheduler.routing.CostWeights), "
+        "e.g. prefill_s_per_token, load_guard_s.",
+    )
     queue_weight: Annotated[float, Field(ge=0)] = 1.0
     kv_cache_weight: Annotated[float, Field(ge=0)] = 1.0
     stats_period_s: Annotated[float, Field(gt=0, le=10)] = Field(
-        0.5, description="How often each replica reports its free blocks and queue."
+        0.5, description="How often each replica reports its load and prefix-cache changes."
+    )
+    session_header: str | None = Field(
+        "X-Session-ID",
+        description="Requests carrying this header go where the session went before, while "
+        "load allows (None: no session affinity).",
+    )
+    index_max_entries: Annotated[int, Field(gt=0)] = Field(
+        4_000_000, description="Bound on the prefix index's (block, replica) entries."
     )
 
     @model_validator(mode="after")
-    def _some_weight(self) -> RouterConfig:
+    def _valid(self) -> RouterConfig:
         if self.queue_weight + self.kv_cache_weight == 0:
             raise ValueError("queue_weight and kv_cache_weight cannot both be 0")
+        CostWeights(**self.cost)  # raises on an unknown or invalid setting
         return self
 
 
@@ -115,6 +135,11 @@ class AppConfig(BaseModel):
         if device == "cpu" and gpus:
             raise ValueError("replicas request GPUs but engine.device is cpu")
         return self
+
+    def engine_for_replicas(self) -> EngineConfig:
+        """The engine settings replicas run: they report prefix-cache changes when the router
+        uses them."""
+        return self.engine.model_copy(update={"report_cache_events": self.router.policy == "cost"})
 
     @property
     def model_name(self) -> str:

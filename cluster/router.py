@@ -1,19 +1,23 @@
-"""Serve's request router for engine replicas: shortest queue and most free KV blocks first.
+"""Serve's request router for engine replicas: cache-aware, by estimated time to first token.
 
-Serve calls `choose_replicas` for each request with the live replicas; we return them ranked by
-the pure policy in `scheduler.routing`, one per rank, and Serve sends the request to the first
-that accepts it (queue below `max_ongoing_requests`). When every replica refuses, the request
-backs off instead of retrying in a tight loop.
+Serve calls `choose_replicas` for each request with the live replicas. The decision is made by a
+pure policy (`scheduler.routing`): `CostPolicy` by default (each replica's queued prefill and
+running work, plus the prompt's tokens it does not hold in its prefix cache, per this router's
+`PrefixIndex`), or the queue + KV baseline (`router.policy: queue_kv`). Replicas report their
+load and their prefix cache's changes in their routing stats; Serve hands this router the latest
+report of each replica with every replica update (`update_replicas`), where they are applied:
+no remote call is made per request. We return the choice first and fallbacks after, one per
+rank; Serve sends the request to the first that accepts it.
 
 A replica whose engine died is dropped at the first sign of it (its own report, or a request
-that failed on it: `report_dead_engine`), not at Serve's next health check; it ranks last
-until Serve replaces it. The ingress in the same process reads that view for /health
-(cluster/replica_health.py).
+that failed on it: `replica_health.report_dead_engine`), not at Serve's next health check; it
+ranks last until Serve replaces it. The ingress in the same process reads that view for /health.
 """
 
 from __future__ import annotations
 
 import random
+import time
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
@@ -21,25 +25,99 @@ from cluster import replica_health
 from replicas.deployment import GenerateRequest
 from replicas.messages import ReplicaStats
 from replicas.metrics import RaySink
-from scheduler.routing import ReplicaLoad, RoutingWeights, rank_replicas
+from scheduler.block_manager import CacheEvents
+from scheduler.prefix_index import PrefixIndex
+from scheduler.routing import (
+    CostPolicy,
+    CostWeights,
+    QueueKV,
+    ReplicaState,
+    RouteRequest,
+    RoutingWeights,
+)
+
+ROUTER_METRICS = [
+    "continuum_router_requests",
+    "continuum_router_decisions",
+    "continuum_router_prefix_blocks_matched",
+    "continuum_router_index_entries",
+    "continuum_router_index_bytes",
+]
 
 
-def prompt_tokens(pending_request: PendingRequest | None) -> int | None:
+def generate_request(pending_request: PendingRequest | None) -> GenerateRequest | None:
     if pending_request is None:
         return None
     for arg in pending_request.args:
         if isinstance(arg, GenerateRequest):
-            return len(arg.prompt_token_ids)
+            return arg
     return None
 
 
+def replica_state(stats: ReplicaStats) -> ReplicaState:
+    return ReplicaState(
+        num_waiting=stats.num_waiting,
+        num_running=stats.num_running,
+        queued_prefill_tokens=stats.queued_prompt_tokens,
+        free_blocks=stats.free_blocks,
+        total_blocks=stats.total_blocks,
+        block_size=stats.block_size,
+        time=stats.time,
+    )
+
+
 class KVAwareRequestRouter(FIFOMixin, RequestRouter):
-    def initialize_state(self, queue_weight: float = 1.0, kv_cache_weight: float = 1.0) -> None:
-        self.weights = RoutingWeights(queue=queue_weight, kv_cache=kv_cache_weight)
-        self.rng = random.Random()
-        self.metrics = RaySink(["continuum_router_decisions"])
+    def initialize_state(
+        self,
+        policy: str = "cost",
+        cost_weights: dict | None = None,
+        queue_weight: float = 1.0,
+        kv_cache_weight: float = 1.0,
+        index_max_entries: int = 4_000_000,
+    ) -> None:
+        self.index = PrefixIndex(index_max_entries)
+        rng = random.Random()
+        if policy == "cost":
+            self.policy = CostPolicy(CostWeights(**(cost_weights or {})), self.index, rng)
+        else:
+            self.policy = QueueKV(RoutingWeights(queue_weight, kv_cache_weight), rng)
+        self.metrics = RaySink(ROUTER_METRICS)
         self.dead_replicas: set[str] = set()
+        self._last_report: dict[str, float] = {}  # replica -> `time` of the report applied
         replica_health.register(self)
+
+    # --- replica reports ----------------------------------------------------------------------
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        self._apply_reports()
+
+    def _apply_reports(self) -> None:
+        """Feed the policy and the index every report it has not seen; forget replicas that
+        left or whose engine died (their index entries only ever cost hits, but are noise)."""
+        now = time.time()
+        live = set()
+        for replica in self.curr_replicas.values():
+            replica_id = replica.replica_id.unique_id
+            stats = ReplicaStats.from_dict(replica.routing_stats)
+            if stats is None or not self.is_serving(replica):
+                continue
+            live.add(replica_id)
+            if self._last_report.get(replica_id) == stats.time:
+                continue
+            self._last_report[replica_id] = stats.time
+            self.policy.update_replica(replica_id, replica_state(stats), now)
+            if (events := replica.routing_stats.get("cache_events")) is not None:
+                self.index.apply(replica_id, CacheEvents(**events))
+        for replica_id in set(self._last_report) - live:
+            del self._last_report[replica_id]
+            self.policy.remove_replica(replica_id)
+            self.index.drop_replica(replica_id)
+        stats = self.index.stats()
+        self.metrics.record("continuum_router_index_entries", stats.entries)
+        self.metrics.record("continuum_router_index_bytes", stats.approx_bytes)
+
+    # --- health -------------------------------------------------------------------------------
 
     def is_serving(self, replica: RunningReplica) -> bool:
         if replica.replica_id.unique_id in self.dead_replicas:
@@ -52,19 +130,7 @@ class KVAwareRequestRouter(FIFOMixin, RequestRouter):
         self.dead_replicas &= live  # replaced replicas never come back
         return sum(self.is_serving(r) for r in self.curr_replicas.values())
 
-    def replica_load(self, replica: RunningReplica) -> ReplicaLoad:
-        stats = ReplicaStats.from_dict(replica.routing_stats)
-        queue_len = self.replica_queue_len_cache.get(replica.replica_id)
-        if queue_len is None:  # not yet probed: the replica's own last report
-            queue_len = 0 if stats is None else stats.num_waiting + stats.num_running
-        return ReplicaLoad(
-            replica_id=replica.replica_id.unique_id,
-            queue_len=queue_len,
-            max_queue_len=replica.max_ongoing_requests,
-            free_blocks=None if stats is None else stats.free_blocks,
-            total_blocks=None if stats is None else stats.total_blocks,
-            block_size=16 if stats is None else stats.block_size,
-        )
+    # --- routing ------------------------------------------------------------------------------
 
     async def choose_replicas(
         self,
@@ -73,9 +139,29 @@ class KVAwareRequestRouter(FIFOMixin, RequestRouter):
     ) -> list[list[RunningReplica]]:
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         serving = [r for r in candidate_replicas if self.is_serving(r)]
-        loads = [self.replica_load(r) for r in serving]
-        ranked = rank_replicas(loads, prompt_tokens(pending_request), self.weights, self.rng)
-        # Dead engines last: with no live replica the request fails fast (503), never hangs.
+        for replica in serving:  # new, not yet reported: known to the policy, with no load
+            replica_id = replica.replica_id.unique_id
+            if replica_id not in self._last_report:
+                self._last_report[replica_id] = float("-inf")
+                self.policy.update_replica(replica_id, ReplicaState(time=time.time()), time.time())
+        ranked: list[str] = []
+        if serving:
+            request = generate_request(pending_request)
+            route = RouteRequest(
+                prompt_tokens=0 if request is None else len(request.prompt_token_ids),
+                block_hashes=() if request is None else request.block_hashes,
+                session_id=None if request is None else request.session_id,
+            )
+            decision = self.policy.route(route, time.time())
+            ranked = [r for r in decision.replica_ids if r in by_id]
+            if request is not None:
+                self.metrics.record("continuum_router_decisions", 1, {"reason": decision.reason})
+                self.metrics.record(
+                    "continuum_router_prefix_blocks_matched", decision.matched_blocks
+                )
+        # Every other replica after the policy's picks; dead engines last: with no live
+        # replica the request fails fast (503), never hangs.
+        ranked += [r.replica_id.unique_id for r in serving if r.replica_id.unique_id not in ranked]
         ranked += [r.replica_id.unique_id for r in candidate_replicas if r not in serving]
         if pending_request is not None:
             # All replicas are offered at once: if none accepts, wait before asking again.
@@ -84,5 +170,5 @@ class KVAwareRequestRouter(FIFOMixin, RequestRouter):
 
     def on_request_routed(self, pending_request, replica_id, result) -> None:
         self.metrics.record(
-            "continuum_router_decisions", 1, {"target_replica": replica_id.unique_id}
+            "continuum_router_requests", 1, {"target_replica": replica_id.unique_id}
         )

@@ -23,6 +23,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from multiprocessing import Pipe
 
+from replicas.cache_report import CacheReporter
 from replicas.config import EngineConfig
 from replicas.engine_core import EnginePipe
 from replicas.errors import EngineDeadError, EngineStepError
@@ -30,6 +31,7 @@ from replicas.messages import (
     AbortRequest,
     Added,
     AddRequest,
+    CacheChanges,
     Died,
     EngineInfo,
     EngineOutput,
@@ -88,6 +90,7 @@ class AsyncLLMEngine:
         """Start the engine process and wait until its model is loaded (raises if it fails)."""
         self.metrics = metrics
         self.messages_per_s = config.stream_messages_per_s
+        self.cache_reporter = CacheReporter() if config.report_cache_events else None
         conn, child_conn = Pipe()
         self._process = subprocess.Popen(
             [sys.executable, "-m", "replicas.engine_core", str(child_conn.fileno())],
@@ -171,6 +174,14 @@ class AsyncLLMEngine:
             return self._stats
         return ReplicaStats(**{**self._stats.as_dict(), "engine_alive": alive})
 
+    def routing_report(self) -> dict:
+        """What Serve carries to the router (`record_routing_stats`): the load, and the prefix
+        cache's changes since the previous report when they are recorded."""
+        report = self.stats().as_dict()
+        if self.cache_reporter is not None:
+            report["cache_events"] = self.cache_reporter.report()
+        return report
+
     def shutdown(self) -> None:
         if self._process.poll() is None:
             try:
@@ -212,9 +223,11 @@ class AsyncLLMEngine:
                     self._stats = event.stats
                     self._deliver(event.outputs)
                     self._record(event.metrics)
+                    self._absorb(event.cache)
                 elif isinstance(event, StatsChanged):
                     self._stats = event.stats
                     self._record(event.metrics)
+                    self._absorb(event.cache)
                 elif isinstance(event, Added):
                     self._stats = event.stats
                     self._resolve_add(event)
@@ -224,6 +237,10 @@ class AsyncLLMEngine:
             self._error = exc if not isinstance(exc, EOFError) else EngineDeadError("engine exited")
             logger.error("the engine process stopped: %r", self._error)
             self._fail_all(EngineDeadError(f"the engine process has stopped: {self._error!r}"))
+
+    def _absorb(self, changes: CacheChanges | None) -> None:
+        if changes is not None and self.cache_reporter is not None:
+            self.cache_reporter.absorb(changes.stored, changes.removed)
 
     def _resolve_add(self, event: Added) -> None:
         future = self._pending_adds.pop(event.request_id, None)

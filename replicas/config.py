@@ -111,6 +111,11 @@ class EngineConfig(BaseModel):
         description="Admission bound on prompt tokens waiting for prefill (HTTP 429 beyond).",
     )
     enable_prefix_caching: bool = True
+    report_cache_events: bool = Field(
+        False,
+        description="Report what enters and leaves the prefix cache, for a prefix-aware router "
+        "(the Serve app turns it on).",
+    )
     model_cache_dir: Path = Field(default_factory=default_cache_dir)
     num_threads: Annotated[int, Field(gt=0)] | None = Field(
         None, description="torch intra-op threads on CPU (default: torch's choice)."

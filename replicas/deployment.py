@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ray import serve
 
@@ -39,6 +39,10 @@ class GenerateRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     log_id: str = ""
+    # For the router: the prompt's full-block hashes (`prompt_block_hashes`) and the client's
+    # session, if it sent one.
+    block_hashes: list[bytes] = field(default_factory=list)
+    session_id: str | None = None
 
 
 class LLMServer:
@@ -82,8 +86,8 @@ class LLMServer:
         return self.engine.info
 
     def record_routing_stats(self) -> dict:
-        """`ReplicaStats` as a dict: the form Serve carries to the router."""
-        return self.engine.stats().as_dict()
+        """`ReplicaStats` (and prefix-cache events) as a dict: the form Serve carries."""
+        return self.engine.routing_report()
 
     def check_health(self) -> None:
         self.engine.check_health()

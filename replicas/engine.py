@@ -53,6 +53,7 @@ from scheduler import (
     Sequence,
     SequenceStatus,
 )
+from scheduler.step_time import StepSample, step_shape
 
 if TYPE_CHECKING:
     from llguidance import LLMatcher
@@ -115,7 +116,12 @@ class LLMEngine:
             num_blocks, block_size, max_model_len = self._load_model(config)
         else:
             num_blocks, block_size, max_model_len = self._load_synthetic(config)
-        self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(
+            num_blocks,
+            block_size,
+            config.enable_prefix_caching,
+            record_cache_events=config.report_cache_events,
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 config.max_num_batched_tokens,
@@ -132,6 +138,8 @@ class LLMEngine:
         self.num_requests_admitted = 0
         self.num_tokens_generated = 0
         self._generation_of: dict[Sequence, Generation] = {}
+        # Set to a list to record each step's shape and wall time (`python -m cluster calibrate`).
+        self.step_samples: list[StepSample] | None = None
 
     @cached_property
     def grammars(self) -> GrammarCompiler:
@@ -314,6 +322,7 @@ class LLMEngine:
             prefix_cache_hits=bm.prefix_cache_hits,
             requests_admitted=self.num_requests_admitted,
             tokens_generated=self.num_tokens_generated,
+            time=time.time(),
         )
 
     def has_unfinished_requests(self) -> bool:
@@ -324,15 +333,20 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self) -> list[EngineOutput]:
         """Run one scheduled forward pass; return what it added to each generation it changed."""
+        start = time.perf_counter()
         with record_function("continuum.schedule"):
             batch = self.scheduler.schedule()
         if not batch:
             return []
+        shape = step_shape(batch) if self.step_samples is not None else None
         try:
             return self._run(batch)
         except Exception as exc:  # a fault in one step fails that step's requests, not the engine
             logger.exception("step failed; failing the %d requests in it", len(batch.seqs))
             return self._fail(batch, f"{type(exc).__name__}: {exc}")
+        finally:
+            if shape is not None:
+                self.step_samples.append(StepSample(shape, time.perf_counter() - start))
 
     def _run(self, batch: ScheduledBatch) -> list[EngineOutput]:
         self._record_first_scheduled(batch)

@@ -21,6 +21,7 @@ from replicas.messages import (
     AbortRequest,
     Added,
     AddRequest,
+    CacheChanges,
     Command,
     Died,
     EngineInfo,
@@ -64,6 +65,13 @@ def error_kind(exc: Exception) -> ErrorKind:
     return "invalid"
 
 
+def cache_changes(engine) -> CacheChanges | None:
+    if not engine.config.report_cache_events:
+        return None
+    events = engine.block_manager.drain_cache_events()
+    return CacheChanges(events.stored, events.removed)
+
+
 def serve_engine(pipe: EnginePipe, config: EngineConfig) -> None:
     """Build the engine, then run commands and steps until told to stop."""
     from replicas.engine import LLMEngine
@@ -90,15 +98,15 @@ def serve_engine(pipe: EnginePipe, config: EngineConfig) -> None:
                     pipe.send(Added(command.request_id, engine.stats()))
             elif isinstance(command, AbortRequest):
                 engine.abort_request(command.request_id)
-                pipe.send(StatsChanged(engine.stats(), sink.drain()))
+                pipe.send(StatsChanged(engine.stats(), sink.drain(), cache_changes(engine)))
             elif isinstance(command, FinishGeneration):
                 engine.finish_generation(command.request_id, command.index)
-                pipe.send(StatsChanged(engine.stats(), sink.drain()))
+                pipe.send(StatsChanged(engine.stats(), sink.drain(), cache_changes(engine)))
             elif isinstance(command, Shutdown):
                 return
         if engine.has_unfinished_requests():
             outputs = engine.step()
-            pipe.send(StepDone(outputs, engine.stats(), sink.drain()))
+            pipe.send(StepDone(outputs, engine.stats(), sink.drain(), cache_changes(engine)))
 
 
 def main() -> None:

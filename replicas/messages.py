@@ -52,6 +52,7 @@ class ReplicaStats(msgspec.Struct, kw_only=True):
     prefix_cache_hits: int
     requests_admitted: int
     tokens_generated: int  # sampled since the engine started
+    time: float  # when the engine took it (time.time(): comparable across processes)
     engine_alive: bool = True
 
     def as_dict(self) -> dict:
@@ -120,10 +121,18 @@ class Added(msgspec.Struct, tag=True, array_like=True):
     error: str | None = None
 
 
+class CacheChanges(msgspec.Struct, array_like=True, gc=False):
+    """Block hashes that entered and left the prefix cache since the last message."""
+
+    stored: list[bytes]
+    removed: list[bytes]
+
+
 class StepDone(msgspec.Struct, tag=True, array_like=True):
     outputs: list[EngineOutput]
     stats: ReplicaStats
     metrics: list[MetricRecord]
+    cache: CacheChanges | None = None
 
 
 class StatsChanged(msgspec.Struct, tag=True, array_like=True):
@@ -131,6 +140,7 @@ class StatsChanged(msgspec.Struct, tag=True, array_like=True):
 
     stats: ReplicaStats
     metrics: list[MetricRecord]
+    cache: CacheChanges | None = None
 
 
 class Died(msgspec.Struct, tag=True, array_like=True):

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from scheduler.routing import REASONS as ROUTING_REASONS
+
 Kind = Literal["counter", "gauge", "histogram"]
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
@@ -83,10 +85,34 @@ METRIC_SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("continuum_kv_blocks_total", "gauge", "KV-cache blocks in the cache."),
     MetricSpec("continuum_step_tokens", "gauge", "Tokens fed to the model in the last step."),
     MetricSpec(
-        "continuum_router_decisions",
+        "continuum_router_requests",
         "counter",
         "Requests the router sent to each replica.",
         ("target_replica",),
+    ),
+    MetricSpec(
+        "continuum_router_decisions",
+        "counter",
+        "Routing decisions by reason: prefix_hit, load, fallback (no room anywhere), session.",
+        ("reason",),
+        label_values=tuple((reason,) for reason in ROUTING_REASONS),
+    ),
+    MetricSpec(
+        "continuum_router_prefix_blocks_matched",
+        "histogram",
+        "Leading prompt blocks the chosen replica holds, per the router's prefix index "
+        "(le=0.5 counts requests with no block cached: Ray's boundaries must be positive).",
+        buckets=(0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+    ),
+    MetricSpec(
+        "continuum_router_index_entries",
+        "gauge",
+        "(block, replica) entries in the router's prefix index.",
+    ),
+    MetricSpec(
+        "continuum_router_index_bytes",
+        "gauge",
+        "Approximate memory of the router's prefix index.",
     ),
 )
 

@@ -14,8 +14,15 @@ import hashlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 
 from scheduler.sequence import Sequence
+
+HASH_BYTES = 16
+
+
+def _hash(parent_hash: bytes, block_bytes: bytes) -> bytes:
+    return hashlib.blake2b(parent_hash + block_bytes, digest_size=HASH_BYTES).digest()
 
 
 def hash_block(parent_hash: bytes, token_ids: Seq[int]) -> bytes:
@@ -24,11 +31,56 @@ def hash_block(parent_hash: bytes, token_ids: Seq[int]) -> bytes:
     A cryptographic hash, so that one tenant cannot craft a prompt whose blocks collide with
     another's cached blocks.
     """
-    return hashlib.blake2b(parent_hash + array("q", token_ids).tobytes(), digest_size=16).digest()
+    return _hash(parent_hash, array("q", token_ids).tobytes())
+
+
+def extend_block_hashes(hashes: list[bytes], token_ids: Seq[int], block_size: int) -> None:
+    """Append to `hashes` (those of the first full blocks of `token_ids`) the chained hashes of
+    the remaining full blocks: `hash_block` per block, with the tokens converted once."""
+    first, last = len(hashes), len(token_ids) // block_size
+    if first >= last:
+        return
+    data = array("q", token_ids[first * block_size : last * block_size]).tobytes()
+    step = 8 * block_size  # bytes per block ("q": 8-byte ints)
+    parent = hashes[-1] if hashes else b""
+    for offset in range(0, len(data), step):
+        parent = _hash(parent, data[offset : offset + step])
+        hashes.append(parent)
+
+
+def prompt_block_hashes(token_ids: Seq[int], block_size: int) -> list[bytes]:
+    """The chained hashes of a prompt's full blocks, exactly as a replica's block manager computes
+    them: what the ingress hands the router to look the prompt up in the prefix index."""
+    hashes: list[bytes] = []
+    extend_block_hashes(hashes, token_ids, block_size)
+    return hashes
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEvents:
+    """What entered and left a replica's prefix cache since its previous report (`seq - 1`).
+
+    A block hash is in at most one list: the net change over the interval. With `snapshot`,
+    `stored` is the whole cache and replaces what the receiver knew of this replica.
+    """
+
+    seq: int
+    stored: list[bytes]
+    removed: list[bytes]
+    snapshot: bool = False
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        record_cache_events: bool = False,
+    ):
+        """`record_cache_events`: keep what enters and leaves the prefix cache for
+        `drain_cache_events` (a replica reporting to a prefix-aware router); off, it costs nothing.
+        """
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
@@ -43,6 +95,9 @@ class BlockManager:
         self.pending_copies: list[tuple[int, int]] = []
         self.prefix_cache_queries = 0  # prompt tokens looked up
         self.prefix_cache_hits = 0  # of those, tokens found cached
+        # Net prefix-cache changes since the last drain (see `_cache_changed`).
+        self._cache_changes: dict[bytes, bool] | None = {} if record_cache_events else None
+        self._cache_events_seq = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -59,11 +114,7 @@ class BlockManager:
 
     def update_block_hashes(self, seq: Sequence) -> None:
         """Extend `seq.block_hashes` to cover every full block of its known tokens."""
-        bs = self.block_size
-        hashes = seq.block_hashes
-        for i in range(len(hashes), seq.num_tokens // bs):
-            parent = hashes[i - 1] if i else b""
-            hashes.append(hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs]))
+        extend_block_hashes(seq.block_hashes, seq.token_ids, self.block_size)
 
     def lookup_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding the longest prefix of `seq`'s tokens; changes nothing.
@@ -85,17 +136,44 @@ class BlockManager:
 
     def cache_full_blocks(self, seq: Sequence, num_computed_before: int) -> None:
         """Publish the blocks that became full and computed since `num_computed_before`."""
-        if not self.enable_prefix_caching:
+        first = num_computed_before // self.block_size
+        last = seq.num_computed_tokens // self.block_size
+        if first >= last or not self.enable_prefix_caching:
             return
         self.update_block_hashes(seq)
-        first = num_computed_before // self.block_size
-        last = min(seq.num_computed_tokens // self.block_size, len(seq.block_hashes))
+        changes = self._cache_changes
         for i in range(first, last):
             block = seq.block_table[i]
             block_hash = seq.block_hashes[i]
             if self.block_hashes[block] is None and block_hash not in self.cached_blocks:
                 self.block_hashes[block] = block_hash
                 self.cached_blocks[block_hash] = block
+                if changes is not None:
+                    self._cache_changed(block_hash, True)
+
+    def _cache_changed(self, block_hash: bytes, present: bool) -> None:
+        """Record a hash entering (present) or leaving the cache, as a net change since the last
+        drain: True = absent then, present now; False = the reverse; no entry = as it was."""
+        changes = self._cache_changes
+        if changes.get(block_hash) is (not present):
+            del changes[block_hash]
+        else:
+            changes[block_hash] = present
+
+    def drain_cache_events(self, snapshot: bool = False) -> CacheEvents:
+        """The prefix cache's net changes since the last drain (or, with `snapshot`, all of it).
+
+        Needs `record_cache_events`. Numbered, so a receiver can tell that it missed one.
+        """
+        if self._cache_changes is None:
+            raise RuntimeError("this BlockManager does not record cache events")
+        changes, self._cache_changes = self._cache_changes, {}
+        self._cache_events_seq += 1
+        if snapshot:
+            return CacheEvents(self._cache_events_seq, list(self.cached_blocks), [], snapshot=True)
+        stored = [h for h, present in changes.items() if present]
+        removed = [h for h, present in changes.items() if not present]
+        return CacheEvents(self._cache_events_seq, stored, removed)
 
     # --- allocation ---------------------------------------------------------------------------
 
@@ -106,10 +184,11 @@ class BlockManager:
         if num_prefix_blocks:
             total = num_prefix_blocks * self.block_size + num_new_tokens
             return self.blocks_for_tokens(total) - num_prefix_blocks
-        needed = self.blocks_for_tokens(seq.num_computed_tokens + num_new_tokens) - len(
-            seq.block_table
-        )
-        return max(needed, 0) + (1 if self._needs_copy_on_write(seq) else 0)
+        return self._blocks_to_grow(seq, num_new_tokens) + self._needs_copy_on_write(seq)
+
+    def _blocks_to_grow(self, seq: Sequence, num_new_tokens: int) -> int:
+        needed = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
+        return max(needed - len(seq.block_table), 0)
 
     def allocate(self, seq: Sequence, num_new_tokens: int, prefix_blocks: Seq[int] = ()) -> bool:
         """Give `seq` room for `num_new_tokens` more tokens; False, changing nothing, if no room.
@@ -117,8 +196,14 @@ class BlockManager:
         `prefix_blocks` (from `lookup_prefix`, for a sequence with no blocks yet) are shared
         instead of allocated; the caller then counts their tokens as computed.
         """
-        needed = self.num_blocks_needed(seq, num_new_tokens, len(prefix_blocks))
-        reclaimed = sum(1 for b in prefix_blocks if self.ref_counts[b] == 0)
+        if prefix_blocks:
+            copy_on_write = False
+            needed = self.num_blocks_needed(seq, num_new_tokens, len(prefix_blocks))
+            reclaimed = sum(1 for b in prefix_blocks if self.ref_counts[b] == 0)
+        else:  # the common case (every decode): one check each
+            copy_on_write = self._needs_copy_on_write(seq)
+            needed = self._blocks_to_grow(seq, num_new_tokens) + copy_on_write
+            reclaimed = 0
         if needed > len(self.free_blocks) - reclaimed:
             return False
         if not seq.block_table and self.enable_prefix_caching and seq.use_prefix_cache:
@@ -127,7 +212,7 @@ class BlockManager:
         for block in prefix_blocks:
             self._acquire(block)
             seq.block_table.append(block)
-        if not prefix_blocks and self._needs_copy_on_write(seq):
+        if copy_on_write:
             idx = seq.num_computed_tokens // self.block_size
             src = seq.block_table[idx]
             dst = self._take_free_block()
@@ -172,5 +257,7 @@ class BlockManager:
         if block_hash is not None:
             del self.cached_blocks[block_hash]
             self.block_hashes[block] = None
+            if self._cache_changes is not None:
+                self._cache_changed(block_hash, False)
         self.ref_counts[block] = 1
         return block

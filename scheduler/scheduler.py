@@ -116,6 +116,13 @@ class Scheduler:
         """Tokens the waiting sequences still have to prefill."""
         return sum(seq.num_tokens - seq.num_computed_tokens for seq in self.waiting)
 
+    @property
+    def num_prefill_tokens_left(self) -> int:
+        """Prompt tokens not computed yet, waiting or part-way through a chunked prefill: the
+        work a new request queues behind (a routing signal)."""
+        running = sum(n for seq in self.running if (n := seq.num_uncomputed_tokens) > 1)
+        return self.num_queued_tokens + running
+
     def check_admission(self, num_prompt_tokens: int) -> None:
         """Raise `QueueFullError` if queueing one more prompt would pass the waiting bounds."""
         if len(self.waiting) >= self.config.max_waiting_seqs:
@@ -157,16 +164,19 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
         max_seqs = self.config.max_num_seqs
-        # Running sequences: decodes first, then prefills that are part-way through.
-        for decoding in (True, False):
-            for seq in list(self.running):
+        # Running sequences: decodes first, then prefills that are part-way through, each group
+        # oldest first. A sequence preempted meanwhile (by an older one's allocation) is skipped.
+        decodes: list[Sequence] = []
+        prefills: list[Sequence] = []
+        for seq in self.running:
+            (decodes if seq.num_tokens - seq.num_computed_tokens == 1 else prefills).append(seq)
+        for group, decoding in ((decodes, True), (prefills, False)):
+            for seq in group:
                 if budget == 0 or len(batch.seqs) == max_seqs:
                     break
-                if seq.status is not SequenceStatus.RUNNING or seq in batch.seqs:
+                if seq.status is not SequenceStatus.RUNNING:
                     continue
-                if (seq.num_uncomputed_tokens == 1) is not decoding:
-                    continue
-                num_tokens = min(seq.num_uncomputed_tokens, budget)
+                num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
                 ok, refunded = self._allocate_or_preempt(seq, num_tokens, batch)
                 budget += refunded
                 if ok:

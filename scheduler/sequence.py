@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 
 
 class SequenceStatus(enum.Enum):
@@ -30,6 +30,7 @@ class Sequence:
     seq_id: str
     token_ids: list[int]
     max_tokens: int
+    _: KW_ONLY
     num_prompt_tokens: int = field(init=False)
     num_computed_tokens: int = 0
     status: SequenceStatus = SequenceStatus.WAITING

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from scheduler import BlockManager, Sequence
+from scheduler.block_manager import CacheEvents, hash_block, prompt_block_hashes
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 24
@@ -17,12 +18,17 @@ class BlockManagerMachine(RuleBasedStateMachine):
     """Drives a BlockManager like the scheduler does, with a fake KV store to check contents.
 
     The fake store records which token each cache slot holds; prefix hits and copy-on-write are
-    correct only if every sequence's computed tokens are found in its own blocks.
+    correct only if every sequence's computed tokens are found in its own blocks. A mirror of the
+    prefix cache, built only from drained cache events, must equal the cache after each drain.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.bm = BlockManager(NUM_BLOCKS, BLOCK_SIZE, enable_prefix_caching=True)
+        self.bm = BlockManager(
+            NUM_BLOCKS, BLOCK_SIZE, enable_prefix_caching=True, record_cache_events=True
+        )
+        self.mirror: set[bytes] = set()
+        self.last_seq = 0
         self.seqs: list[Sequence] = []
         self.slots: dict[int, int] = {}  # cache slot -> token written there
         self.counter = 0
@@ -87,6 +93,20 @@ class BlockManagerMachine(RuleBasedStateMachine):
             seq.num_computed_tokens = 0
             assert not seq.block_table
 
+    @rule(snapshot=st.booleans())
+    def drain_events(self, snapshot):
+        events = self.bm.drain_cache_events(snapshot)
+        assert events.seq == self.last_seq + 1, "reports must be numbered one by one"
+        self.last_seq = events.seq
+        assert not set(events.stored) & set(events.removed), "a hash both stored and removed"
+        if events.snapshot:
+            self.mirror = set(events.stored)
+        else:
+            assert not set(events.stored) & self.mirror, "stored twice without a removal"
+            assert set(events.removed) <= self.mirror, "removed a hash never stored"
+            self.mirror = (self.mirror - set(events.removed)) | set(events.stored)
+        assert self.mirror == set(self.bm.cached_blocks), "events do not replay to the cache"
+
     # --- helpers ------------------------------------------------------------------------------
 
     def _compute(self, seq: Sequence, num: int) -> None:
@@ -148,6 +168,39 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
 TestBlockManager = BlockManagerMachine.TestCase
 TestBlockManager.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_prompt_block_hashes_is_the_block_managers_chained_hash():
+    tokens = list(range(37))
+    hashes = prompt_block_hashes(tokens, 4)
+    expected, parent = [], b""
+    for i in range(0, 36, 4):
+        parent = hash_block(parent, tokens[i : i + 4])
+        expected.append(parent)
+    assert hashes == expected, "the ingress must hash exactly as the replicas do"
+    bm = BlockManager(16, 4)
+    seq = Sequence("a", tokens, max_tokens=1)
+    bm.update_block_hashes(seq)
+    assert seq.block_hashes == hashes
+    assert prompt_block_hashes(tokens[:3], 4) == [], "a partial block has no hash"
+
+
+def test_cache_events_are_off_by_default_and_report_evictions():
+    assert BlockManager(4, 2)._cache_changes is None
+    with pytest.raises(RuntimeError, match="does not record"):
+        BlockManager(4, 2).drain_cache_events()
+    bm = BlockManager(2, 2, record_cache_events=True)
+    seq = Sequence("a", [1, 2, 3, 4, 5], max_tokens=1)
+    assert bm.allocate(seq, 4)
+    seq.num_computed_tokens = 4
+    bm.cache_full_blocks(seq, 0)
+    bm.free(seq)
+    stored = bm.drain_cache_events()
+    assert stored == CacheEvents(1, prompt_block_hashes([1, 2, 3, 4], 2), [])
+    other = Sequence("b", [9, 9, 9], max_tokens=1)
+    assert bm.allocate(other, 3), "both cached blocks are evicted for new work"
+    assert set(bm.drain_cache_events().removed) == set(stored.stored)
+    assert bm.drain_cache_events() == CacheEvents(3, [], [])
 
 
 def test_prefix_hit_shares_blocks_and_counts_hits():

@@ -66,6 +66,23 @@ def test_metric_names_are_prefixed_and_unique():
         index_by_name(twice)
 
 
+def test_every_metric_is_one_ray_accepts():
+    """Ray validates a metric when a replica creates it (histogram boundaries must be positive):
+    a spec it refuses fails the whole deployment, so check each one here."""
+    from ray.util import metrics as ray_metrics
+
+    for spec in METRIC_SPECS:
+        try:
+            if spec.kind == "histogram":
+                ray_metrics.Histogram(spec.name, spec.description, list(spec.buckets), spec.labels)
+            elif spec.kind == "gauge":
+                ray_metrics.Gauge(spec.name, spec.description, spec.labels)
+            else:
+                ray_metrics.Counter(spec.name, spec.description, spec.labels)
+        except ValueError as error:
+            pytest.fail(f"Ray refuses metric {spec.name}: {error}")
+
+
 def test_every_counter_exists_at_zero_before_anything_happens():
     sink = PrometheusSink()
     assert sink.value("continuum_preemptions") == 0

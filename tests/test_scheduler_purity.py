@@ -5,6 +5,7 @@ import sys
 def test_scheduler_imports_neither_torch_nor_ray():
     code = (
         "import sys, scheduler, scheduler.block_manager, scheduler.scheduler, scheduler.sequence\n"
+        "import scheduler.routing, scheduler.prefix_index, scheduler.step_time\n"
         "heavy = sorted(m for m in ('torch', 'ray', 'transformers', 'numpy') if m in sys.modules)\n"
         "assert not heavy, f'scheduler imported {heavy}'\n"
     )
