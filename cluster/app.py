@@ -16,22 +16,14 @@ from cluster.router import KVAwareRequestRouter
 from replicas.deployment import LLMDeployment
 
 INGRESS_EXTRA_GRACE_S = 10.0
-IngressDeployment = serve.deployment(
-    name="OpenAIIngress", max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0}
-)(OpenAIIngress)
+IngressDeployment = serve.deployment(name="OpenAIIngress")(OpenAIIngress)
 
 
 def build_app(args: dict | None = None) -> Application:
     config = AppConfig.model_validate(args or {})
     router = RequestRouterConfig(
         request_router_class=KVAwareRequestRouter,
-        request_router_kwargs={
-            "policy": config.router.policy,
-            "cost_weights": config.router.cost,
-            "queue_weight": config.router.queue_weight,
-            "kv_cache_weight": config.router.kv_cache_weight,
-            "index_max_entries": config.router.index_max_entries,
-        },
+        request_router_kwargs=config.router_kwargs(),
         request_routing_stats_period_s=config.router.stats_period_s,
         request_routing_stats_timeout_s=max(2 * config.router.stats_period_s, 1.0),
     )
@@ -41,7 +33,8 @@ def build_app(args: dict | None = None) -> Application:
     # The ingress outlives the engine replicas' grace, to end what they could not finish with
     # an error event and [DONE] rather than a cut connection.
     ingress = IngressDeployment.options(
+        **config.ingress.deployment_options(),
         graceful_shutdown_timeout_s=config.replicas.graceful_shutdown_timeout_s
-        + INGRESS_EXTRA_GRACE_S
+        + INGRESS_EXTRA_GRACE_S,
     )
     return ingress.bind(llm, config.model_dump(mode="json"))

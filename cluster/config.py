@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, fields
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -10,6 +12,9 @@ from ray.serve.config import AutoscalingConfig
 from replicas.config import EngineConfig
 from replicas.model_source import model_display_name
 from scheduler.routing import CostWeights
+from scheduler.step_time import StepTimeModel
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class RouterConfig(BaseModel):
@@ -22,10 +27,17 @@ class RouterConfig(BaseModel):
         description="cost: estimated time to first token over the replicas' prefix caches; "
         "queue_kv: queue depth and KV-cache fill only.",
     )
+    step_model: str | None = Field(
+        None,
+        description="A step-time model JSON (configs/step-models/, or `python -m cluster "
+        "calibrate` on your hardware): the cost policy's weights derive from it. Default: the "
+        "synthetic engine's own model, else CostWeights' defaults. A relative path is looked up "
+        "in the working directory, then in the project root.",
+    )
     cost: dict[str, float | bool | int] = Field(
         default_factory=dict,
         description="Overrides of the cost policy's settings (scheduler.routing.CostWeights), "
-        "e.g. prefill_s_per_token, load_guard_s.",
+        "e.g. prefill_s_per_token, load_guard_s; applied over what the step model gives.",
     )
     queue_weight: Annotated[float, Field(ge=0)] = 1.0
     kv_cache_weight: Annotated[float, Field(ge=0)] = 1.0
@@ -45,8 +57,34 @@ class RouterConfig(BaseModel):
     def _valid(self) -> RouterConfig:
         if self.queue_weight + self.kv_cache_weight == 0:
             raise ValueError("queue_weight and kv_cache_weight cannot both be 0")
-        CostWeights(**self.cost)  # raises on an unknown or invalid setting
+        unknown = set(self.cost) - {f.name for f in fields(CostWeights)}
+        if unknown:
+            known = ", ".join(f.name for f in fields(CostWeights))
+            raise ValueError(f"router.cost: unknown settings {sorted(unknown)} (known: {known})")
+        CostWeights(**self.cost)  # raises on an invalid value
+        if self.step_model is not None and not _project_path(self.step_model).is_file():
+            raise ValueError(f"router.step_model: no such file {self.step_model!r}")
         return self
+
+    def cost_weights(self, engine: EngineConfig) -> CostWeights:
+        """The cost policy's weights: from the step model of the replicas' engine, if known,
+        with `cost` over them."""
+        model = None
+        if self.step_model is not None:
+            model = StepTimeModel.load(_project_path(self.step_model))
+        elif engine.synthetic is not None:
+            model = engine.synthetic.step_model()
+        if model is None:
+            return CostWeights(**self.cost)
+        return CostWeights.from_step_model(model, engine.max_num_batched_tokens, **self.cost)
+
+
+def _project_path(path: str) -> Path:
+    """`path` as given if it exists, else relative to the project root (where configs/ is)."""
+    given = Path(path)
+    if given.is_absolute() or given.exists():
+        return given
+    return PROJECT_ROOT / given
 
 
 class ReplicaConfig(BaseModel):
@@ -87,6 +125,42 @@ class ReplicaConfig(BaseModel):
         return options
 
 
+class IngressConfig(BaseModel):
+    """How many OpenAI ingress replicas run. Each streams roughly 13,000 tokens/s per core
+    (docs/benchmarks.md, serving-path capacity): past that, scale it out, or autoscale it on
+    ongoing requests (streams) like the engine replicas."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: Annotated[int, Field(ge=1)] | None = 1
+    autoscaling_config: AutoscalingConfig | None = None
+    max_ongoing_requests: Annotated[int, Field(ge=1)] = Field(
+        4096, description="Requests (streams) one ingress replica holds at once."
+    )
+    num_cpus: Annotated[float, Field(ge=0)] = Field(
+        0, description="CPUs reserved per ingress replica (0: it shares the node's)."
+    )
+
+    @model_validator(mode="after")
+    def _replicas_or_autoscaling(self) -> IngressConfig:
+        if self.autoscaling_config is not None:
+            self.num_replicas = None
+        elif self.num_replicas is None:
+            raise ValueError("set num_replicas or autoscaling_config")
+        return self
+
+    def deployment_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": {"num_cpus": self.num_cpus},
+        }
+        if self.autoscaling_config is not None:
+            options["autoscaling_config"] = self.autoscaling_config
+        else:
+            options["num_replicas"] = self.num_replicas
+        return options
+
+
 class LimitsConfig(BaseModel):
     """What one request may ask for, checked at the ingress before it reaches a replica."""
 
@@ -118,6 +192,7 @@ class AppConfig(BaseModel):
     )
     engine: EngineConfig = Field(default_factory=EngineConfig)
     replicas: ReplicaConfig = Field(default_factory=ReplicaConfig)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     api_key_env: str = Field(
@@ -135,6 +210,16 @@ class AppConfig(BaseModel):
         if device == "cpu" and gpus:
             raise ValueError("replicas request GPUs but engine.device is cpu")
         return self
+
+    def router_kwargs(self) -> dict[str, Any]:
+        """What the request router is built with (`KVAwareRequestRouter.initialize_state`)."""
+        return {
+            "policy": self.router.policy,
+            "cost_weights": asdict(self.router.cost_weights(self.engine)),
+            "queue_weight": self.router.queue_weight,
+            "kv_cache_weight": self.router.kv_cache_weight,
+            "index_max_entries": self.router.index_max_entries,
+        }
 
     def engine_for_replicas(self) -> EngineConfig:
         """The engine settings replicas run: they report prefix-cache changes when the router

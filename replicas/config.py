@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from scheduler.step_time import StepTimeModel
+
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 AttentionBackendName = Literal["auto", "cpu", "reference", "varlen"]
 
@@ -58,6 +60,12 @@ class SyntheticConfig(BaseModel):
         if (self.tokens_per_second is None) == (self.step_time_model is None):
             raise ValueError("set exactly one of tokens_per_second and step_time_model")
         return self
+
+    def step_model(self) -> StepTimeModel:
+        """How long each synthetic step lasts (also what the router's cost weights derive from)."""
+        if self.step_time_model is not None:
+            return StepTimeModel.load(self.step_time_model)
+        return StepTimeModel.for_throughput(self.tokens_per_second)
 
 
 class EngineConfig(BaseModel):

@@ -207,7 +207,7 @@ class LLMEngine:
 
         from replicas.model_loader import resolve_model_source
         from replicas.model_source import model_display_name
-        from replicas.synthetic import SyntheticRunner, SyntheticSampler, step_time_model
+        from replicas.synthetic import SyntheticRunner, SyntheticSampler
         from replicas.tokenizer import load_tokenizer
 
         source = resolve_model_source(config)
@@ -224,7 +224,7 @@ class LLMEngine:
             block_size,
             kv_cache_budget(self.device, config.kv_cache_memory_gib, 1.0, None),
         )
-        self.runner = SyntheticRunner(step_time_model(config.synthetic))
+        self.runner = SyntheticRunner(config.synthetic.step_model())
         self.sampler = SyntheticSampler(config.synthetic, self.tokenizer, config.seed)
         model_max_len = self._model_max_len(model_config)
         max_model_len = config.max_model_len or min(

@@ -22,12 +22,6 @@ from scheduler import ScheduledBatch
 from scheduler.step_time import StepTimeModel
 
 
-def step_time_model(config: SyntheticConfig) -> StepTimeModel:
-    if config.step_time_model is not None:
-        return StepTimeModel.load(config.step_time_model)
-    return StepTimeModel.for_throughput(config.tokens_per_second)
-
-
 class SyntheticRunner:
     """Stands in for `ModelRunner`: a step lasts what the step-time model says, from the moment
     the forward would start; no logits are made (the sampler below needs none)."""

@@ -97,13 +97,31 @@ def serve_instance():
     ray.shutdown()
 
 
+_DEPLOYED: list[str] = []  # applications the current test module started
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _delete_applications_after_each_module():
+    """Each module's applications go when it ends: the shared Ray has 8 CPUs, and replicas
+    left behind would keep the next module's from being scheduled."""
+    yield
+    if _DEPLOYED:
+        from ray import serve
+
+        for name in _DEPLOYED:
+            serve.delete(name)
+        _DEPLOYED.clear()
+
+
 def deploy(serve_instance: ServeInstance, name: str, args: dict) -> str:
-    """Run `build_app(args)` as application `name` under /name; return its base URL."""
+    """Run `build_app(args)` as application `name` under /name (deleted when the test module
+    ends); return its base URL."""
     import httpx
     from ray import serve
 
     from cluster.app import build_app
 
+    _DEPLOYED.append(name)
     serve.run(
         build_app(args),
         name=name,
