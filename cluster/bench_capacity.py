@@ -110,6 +110,8 @@ async def one_stream(
         for event in events:
             if b'"error"' in event:
                 tally.errors += 1
+                if len(tally.error_examples) < 5:
+                    tally.error_examples.append(event.decode(errors="replace")[:300])
                 continue
             if (match := COMPLETION_TOKENS.search(event)) is not None:
                 now_delivered = int(match.group(1))
