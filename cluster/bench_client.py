@@ -25,6 +25,8 @@ from cluster.workloads import BenchRequest
 class RequestResult:
     ok: bool
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the server found in its prefix cache, if it says
+    repeated_prefix_tokens: int = 0  # from the workload: what a cache could have served
     output_tokens: int = 0
     start: float = 0.0
     ttft: float | None = None
@@ -67,8 +69,7 @@ async def stream_chat(
                     result.error = chunk["error"].get("message", "error in stream")
                     return result
                 if usage := chunk.get("usage"):
-                    result.prompt_tokens = usage["prompt_tokens"]
-                    result.output_tokens = usage["completion_tokens"]
+                    read_usage(result, usage)
                 if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
                     now = time.perf_counter()
                     if result.ttft is None:
@@ -84,6 +85,12 @@ async def stream_chat(
     if not result.ok:
         result.error = "no content received"
     return result
+
+
+def read_usage(result: RequestResult, usage: dict) -> None:
+    result.prompt_tokens = usage["prompt_tokens"]
+    result.output_tokens = usage["completion_tokens"]
+    result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
 
 
 def auth_headers() -> dict[str, str]:
@@ -115,8 +122,7 @@ async def whole_chat(
         result.error = repr(exc)
         return result
     result.e2e = result.ttft = time.perf_counter() - start
-    result.prompt_tokens = usage["prompt_tokens"]
-    result.output_tokens = usage["completion_tokens"]
+    read_usage(result, usage)
     result.ok = True
     return result
 
@@ -143,6 +149,7 @@ async def run_benchmark(
             send = stream_chat if stream else whole_chat
             async with limit:
                 result = await send(client, base_url, model, request, temperature)
+            result.repeated_prefix_tokens = request.repeated_prefix_tokens
             bar.update(1)
             return result
 
@@ -191,6 +198,8 @@ def summarize(
         "itl": latency_stats([t for r in ok for t in r.itls]),
         "e2e": latency_stats([r.e2e for r in ok]),
     }
+    if any(r.repeated_prefix_tokens for r in ok):
+        summary["repeats"] = repeat_stats(ok)
     if goodput:
         good = [
             r
@@ -205,6 +214,21 @@ def summarize(
             "met": len(good),
         }
     return summary
+
+
+def repeat_stats(ok: list[RequestResult]) -> dict:
+    """How the requests that resend an earlier prefix fared: how many found at least 90% of it
+    in the cache of the replica they were sent to, and their TTFT against the first sends'."""
+    repeats = [r for r in ok if r.repeated_prefix_tokens]
+    cached = [r for r in repeats if r.cached_tokens >= 0.9 * r.repeated_prefix_tokens]
+    return {
+        "requests": len(repeats),
+        "served_from_cache": len(cached),
+        "served_from_cache_fraction": round(len(cached) / len(repeats), 3),
+        "cached_prompt_tokens": sum(r.cached_tokens for r in repeats),
+        "ttft_repeats": latency_stats([r.ttft for r in repeats]),
+        "ttft_first_sends": latency_stats([r.ttft for r in ok if not r.repeated_prefix_tokens]),
+    }
 
 
 def parse_goodput(items: list[str] | None) -> dict[str, float] | None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from cluster.workloads import WORKLOADS
 from replicas.config import EngineConfig
 
 
@@ -398,9 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--url", default="http://127.0.0.1:8000", help="OpenAI-compatible server")
     bench.add_argument("--offline", action="store_true", help="drive the engine in-process")
-    bench.add_argument(
-        "--workload", default="random", choices=["random", "shared-prefix", "long-short"]
-    )
+    bench.add_argument("--workload", default="random", choices=WORKLOADS)
     bench.add_argument("--num-requests", type=int, default=64)
     bench.add_argument("--prompt-len", type=int, nargs=2, default=[20, 300], metavar=("MIN", "MAX"))
     bench.add_argument("--output-len", type=int, nargs=2, default=[16, 256], metavar=("MIN", "MAX"))

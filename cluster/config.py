@@ -87,13 +87,26 @@ def _project_path(path: str) -> Path:
     return PROJECT_ROOT / given
 
 
-class ReplicaConfig(BaseModel):
-    """How many engine replicas run, and with what resources (Serve deployment options)."""
+class ScaledDeployment(BaseModel):
+    """A fixed number of replicas, or Serve's autoscaling (which then decides the number)."""
 
     model_config = ConfigDict(extra="forbid")
 
     num_replicas: Annotated[int, Field(ge=1)] | None = 1
     autoscaling_config: AutoscalingConfig | None = None
+
+    @model_validator(mode="after")
+    def _replicas_or_autoscaling(self) -> ScaledDeployment:
+        if self.autoscaling_config is not None:
+            self.num_replicas = None
+        elif self.num_replicas is None:
+            raise ValueError("set num_replicas or autoscaling_config")
+        return self
+
+
+class ReplicaConfig(ScaledDeployment):
+    """How many engine replicas run, and with what resources (Serve deployment options)."""
+
     max_ongoing_requests: Annotated[int, Field(ge=1)] = Field(
         256, description="Requests in flight to one replica at once (Serve's limit)."
     )
@@ -110,14 +123,6 @@ class ReplicaConfig(BaseModel):
         "it holds before it is stopped (those still running then end with an error event).",
     )
 
-    @model_validator(mode="after")
-    def _replicas_or_autoscaling(self) -> ReplicaConfig:
-        if self.autoscaling_config is not None:
-            self.num_replicas = None
-        elif self.num_replicas is None:
-            raise ValueError("set num_replicas or autoscaling_config")
-        return self
-
     def deployment_options(self) -> dict[str, Any]:
         options = self.model_dump(exclude_none=True)
         if self.autoscaling_config is not None:
@@ -125,29 +130,17 @@ class ReplicaConfig(BaseModel):
         return options
 
 
-class IngressConfig(BaseModel):
+class IngressConfig(ScaledDeployment):
     """How many OpenAI ingress replicas run. Each streams roughly 13,000 tokens/s per core
     (docs/benchmarks.md, serving-path capacity): past that, scale it out, or autoscale it on
     ongoing requests (streams) like the engine replicas."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    num_replicas: Annotated[int, Field(ge=1)] | None = 1
-    autoscaling_config: AutoscalingConfig | None = None
     max_ongoing_requests: Annotated[int, Field(ge=1)] = Field(
         4096, description="Requests (streams) one ingress replica holds at once."
     )
     num_cpus: Annotated[float, Field(ge=0)] = Field(
         0, description="CPUs reserved per ingress replica (0: it shares the node's)."
     )
-
-    @model_validator(mode="after")
-    def _replicas_or_autoscaling(self) -> IngressConfig:
-        if self.autoscaling_config is not None:
-            self.num_replicas = None
-        elif self.num_replicas is None:
-            raise ValueError("set num_replicas or autoscaling_config")
-        return self
 
     def deployment_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {

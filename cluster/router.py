@@ -40,6 +40,7 @@ ROUTER_METRICS = [
     "continuum_router_requests",
     "continuum_router_decisions",
     "continuum_router_prefix_blocks_matched",
+    "continuum_router_decision_seconds",
     "continuum_router_index_entries",
     "continuum_router_index_bytes",
 ]
@@ -152,9 +153,12 @@ class KVAwareRequestRouter(FIFOMixin, RequestRouter):
                 block_hashes=() if request is None else request.block_hashes,
                 session_id=None if request is None else request.session_id,
             )
+            start = time.perf_counter()
             decision = self.policy.route(route, time.time())
+            elapsed = time.perf_counter() - start
             ranked = [r for r in decision.replica_ids if r in by_id]
             if request is not None:
+                self.metrics.record("continuum_router_decision_seconds", elapsed)
                 self.metrics.record("continuum_router_decisions", 1, {"reason": decision.reason})
                 self.metrics.record(
                     "continuum_router_prefix_blocks_matched", decision.matched_blocks

@@ -11,7 +11,8 @@ import random
 from dataclasses import dataclass
 
 SYSTEM_PROMPT = "You are a helpful assistant."
-WORKLOADS = ("random", "shared-prefix", "long-short")
+WORKLOADS = ("random", "shared-prefix", "long-short", "documents")
+QUESTIONS = 4  # per document, in the `documents` workload
 
 
 @dataclass
@@ -19,6 +20,9 @@ class BenchRequest:
     messages: list[dict[str, str]]
     prompt_token_ids: list[int]
     max_tokens: int
+    # Leading prompt tokens an earlier request of the workload already sent (what a prefix
+    # cache can serve), for the `documents` workload's repeats.
+    repeated_prefix_tokens: int = 0
 
 
 class PromptBuilder:
@@ -61,7 +65,10 @@ def make_workload(
     seed: int,
 ) -> list[BenchRequest]:
     """`random`: uniform lengths; `shared-prefix`: one long system prompt shared by every request
-    (prefix caching); `long-short`: alternating long and short prompts (routing)."""
+    (prefix caching); `long-short`: alternating long and short prompts (routing); `documents`:
+    documents of `prompt_len[1]` words, each asked `QUESTIONS` questions of up to
+    `prompt_len[0]` tokens, in rounds (every document's first question, then every second one):
+    a repeat can be served from the cache of the replica that holds its document."""
     builder = PromptBuilder(tokenizer, seed)
     rng = builder.rng
     if kind == "random":
@@ -90,7 +97,31 @@ def make_workload(
             )
             for i in range(num_requests)
         ]
+    if kind == "documents":
+        documents = [builder.text(prompt_len[1]) for _ in range(-(-num_requests // QUESTIONS))]
+        empty = [len(builder.render(document, "")) for document in documents]
+        work: list[BenchRequest] = []
+        first: dict[int, list[int]] = {}
+        for question in range(QUESTIONS):
+            for d, document in enumerate(documents):
+                if len(work) == num_requests:
+                    return work
+                length = empty[d] + rng.randint(1, max(prompt_len[0], 1))
+                request = builder.request(length, rng.randint(*output_len), system=document)
+                if question:
+                    request.repeated_prefix_tokens = _common_prefix(first[d], request)
+                else:
+                    first[d] = request.prompt_token_ids
+                work.append(request)
+        return work
     raise ValueError(f"unknown workload {kind!r}; choose from {WORKLOADS}")
+
+
+def _common_prefix(ids: list[int], request: BenchRequest) -> int:
+    for i, (a, b) in enumerate(zip(ids, request.prompt_token_ids, strict=False)):
+        if a != b:
+            return i
+    return min(len(ids), len(request.prompt_token_ids))
 
 
 def random_token_workload(

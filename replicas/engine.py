@@ -314,7 +314,7 @@ class LLMEngine:
         return ReplicaStats(
             num_waiting=scheduler.num_waiting,
             num_running=scheduler.num_running,
-            queued_prompt_tokens=scheduler.num_queued_tokens,
+            queued_prompt_tokens=scheduler.num_prefill_tokens_left,
             free_blocks=bm.num_free_blocks,
             total_blocks=bm.num_blocks,
             block_size=bm.block_size,

@@ -105,6 +105,12 @@ METRIC_SPECS: tuple[MetricSpec, ...] = (
         buckets=(0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
     ),
     MetricSpec(
+        "continuum_router_decision_seconds",
+        "histogram",
+        "Time the routing policy took to choose a replica (prefix match and cost), per request.",
+        buckets=(2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2),
+    ),
+    MetricSpec(
         "continuum_router_index_entries",
         "gauge",
         "(block, replica) entries in the router's prefix index.",

@@ -118,10 +118,15 @@ class Scheduler:
 
     @property
     def num_prefill_tokens_left(self) -> int:
-        """Prompt tokens not computed yet, waiting or part-way through a chunked prefill: the
-        work a new request queues behind (a routing signal)."""
+        """Prompt tokens still to prefill, waiting (less what the prefix cache held when they
+        were queued) or part-way through a chunked prefill: the work a new request queues behind
+        (a routing signal)."""
+        waiting = sum(
+            seq.num_tokens - max(seq.num_computed_tokens, seq.num_expected_cached_tokens)
+            for seq in self.waiting
+        )
         running = sum(n for seq in self.running if (n := seq.num_uncomputed_tokens) > 1)
-        return self.num_queued_tokens + running
+        return waiting + running
 
     def check_admission(self, num_prompt_tokens: int) -> None:
         """Raise `QueueFullError` if queueing one more prompt would pass the waiting bounds."""
@@ -141,6 +146,9 @@ class Scheduler:
         """Queue a new sequence; raises `RequestTooLongError` or `QueueFullError`."""
         self.check_fits(seq.num_prompt_tokens, seq.max_tokens)
         self.check_admission(seq.num_prompt_tokens)
+        seq.num_expected_cached_tokens = (
+            len(self.block_manager.lookup_prefix(seq)) * self.block_manager.block_size
+        )
         self.waiting.append(seq)
 
     def add_forked(self, parent: Sequence, child: Sequence) -> None:

@@ -39,6 +39,9 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     # Prompt tokens found in the prefix cache when the sequence was first scheduled.
     num_cached_tokens: int = 0
+    # Prompt tokens the prefix cache held when the sequence was queued: what it will likely not
+    # have to prefill (an estimate for routing; the blocks may be evicted before it runs).
+    num_expected_cached_tokens: int = 0
     num_preemptions: int = 0
     # False: compute the whole prompt, skipping the prefix cache (its logits are wanted, e.g.
     # prompt logprobs); the sequence's own full blocks are still published for others.

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from cluster.bench_client import RequestResult, parse_goodput, per_request, summarize
 from cluster.bench_plot import plot_results
-from cluster.workloads import make_workload
+from cluster.workloads import WORKLOADS, make_workload
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def tokenizer(smol_dir):
     return AutoTokenizer.from_pretrained(smol_dir)
 
 
-@pytest.mark.parametrize("kind", ["random", "shared-prefix", "long-short"])
+@pytest.mark.parametrize("kind", WORKLOADS)
 def test_workloads_are_seeded_and_sized(tokenizer, kind):
     first = make_workload(tokenizer, kind, 20, (40, 300), (16, 64), seed=1)
     again = make_workload(tokenizer, kind, 20, (40, 300), (16, 64), seed=1)
@@ -30,9 +30,20 @@ def test_workloads_are_seeded_and_sized(tokenizer, kind):
             r.messages, add_generation_prompt=True, tokenize=True, return_dict=False
         )
         assert list(rendered) == r.prompt_token_ids, "token ids must be the rendered messages"
-        assert 20 <= len(r.prompt_token_ids) <= 330
+        if kind != "documents":
+            assert 20 <= len(r.prompt_token_ids) <= 330
     if kind == "shared-prefix":
         assert len({r.messages[0]["content"] for r in first}) == 1
+    if kind == "documents":
+        documents = [r.messages[0]["content"] for r in first]
+        assert len(set(documents)) == 5 and documents[:5] * 4 == documents, "4 rounds of 5"
+        for i, r in enumerate(first):
+            earlier = first[i % 5].prompt_token_ids
+            shared = r.repeated_prefix_tokens
+            assert (shared == 0) == (i < 5), "only repeats resend a prefix"
+            assert r.prompt_token_ids[:shared] == earlier[:shared]
+            assert i < 5 or r.prompt_token_ids[shared] != earlier[shared]
+            assert i < 5 or shared >= len(tokenizer(documents[i])["input_ids"])
 
 
 def test_summary_statistics_and_goodput():
@@ -56,6 +67,18 @@ def test_summary_statistics_and_goodput():
     assert summary["goodput"]["met"] == 1
     with pytest.raises(ValueError):
         parse_goodput(["latency:5"])
+    assert "repeats" not in summary, "only a workload that resends prefixes reports repeats"
+
+
+def test_repeats_count_as_cached_when_the_server_served_their_prefix():
+    first = RequestResult(ok=True, prompt_tokens=500, ttft=0.5, e2e=1.0)
+    hit = RequestResult(ok=True, prompt_tokens=510, cached_tokens=496, ttft=0.05, e2e=0.5)
+    miss = RequestResult(ok=True, prompt_tokens=510, cached_tokens=16, ttft=0.45, e2e=0.9)
+    hit.repeated_prefix_tokens = miss.repeated_prefix_tokens = 500
+    repeats = summarize([first, hit, miss], wall=1.0)["repeats"]
+    assert repeats["requests"] == 2 and repeats["served_from_cache"] == 1
+    assert repeats["ttft_repeats"]["p50_ms"] == pytest.approx(250.0)
+    assert repeats["ttft_first_sends"]["p50_ms"] == pytest.approx(500.0)
 
 
 def test_plot_from_result_files(tmp_path):

@@ -257,3 +257,22 @@ SchedulerMachine.TestCase.settings = settings(
     max_examples=150, stateful_step_count=40, deadline=None
 )
 test_scheduler_state_machine = SchedulerMachine.TestCase
+
+
+def test_prefill_left_counts_only_what_the_prefix_cache_does_not_hold():
+    """The routing signal: a queued prompt whose prefix is cached adds only its uncached tokens
+    (else a replica holding a popular prefix looks busy with work it will skip); a chunked
+    prefill in progress adds what it has left."""
+    sched = make_scheduler(block_size=4, budget=8)
+    document = list(range(100, 140))  # 10 full blocks
+    first = Sequence("first", document + [1, 2], max_tokens=1)
+    sched.add(first)
+    assert sched.num_prefill_tokens_left == 42
+    sched.update_computed(sched.schedule())  # 8 of 42 computed
+    assert sched.num_prefill_tokens_left == 34
+    rng = random.Random(0)
+    while not first.is_finished:
+        fake_step(sched, rng)
+    repeat = Sequence("repeat", document + [3, 4], max_tokens=1)
+    sched.add(repeat)
+    assert sched.num_prefill_tokens_left == 2, "the 40 cached prompt tokens are not queued work"

@@ -70,6 +70,18 @@ def test_repeated_prefixes_go_to_the_replica_that_holds_them(base_url):
             assert cached >= 400, f"document {i}, question {question}: only {cached} cached"
 
 
+def test_router_metrics_count_the_prefix_hits(base_url, serve_instance):
+    """The repeats above were routed as prefix hits, with their blocks matched; every decision
+    was timed."""
+
+    def metric(name: str, **labels: str) -> float:
+        return scrape(serve_instance.metrics_url, f"ray_continuum_router_{name}", APP, **labels)
+
+    wait_for(lambda: metric("decisions_total", reason="prefix_hit") >= 18, timeout=30)
+    assert metric("prefix_blocks_matched_sum") >= 18 * 50
+    assert metric("decision_seconds_count") >= 24
+
+
 def test_session_header_keeps_a_session_on_one_replica(base_url):
     stats = {s["replica"]: s["requests_admitted"] for s in replica_stats(APP)}
     for i in range(6):
