@@ -41,15 +41,21 @@ class RequestResult:
         return (self.e2e - self.ttft) / (self.output_tokens - 1)
 
 
-async def stream_chat(
-    client: httpx.AsyncClient, base_url: str, model: str, request: BenchRequest, temperature: float
-) -> RequestResult:
-    body = {
+def chat_body(model: str, request: BenchRequest, temperature: float) -> dict:
+    """Every token the request asks for is generated (EOS ignored), so runs compare equal work."""
+    return {
         "model": model,
         "messages": request.messages,
         "max_tokens": request.max_tokens,
         "temperature": temperature,
         "ignore_eos": True,
+    }
+
+
+async def stream_chat(
+    client: httpx.AsyncClient, base_url: str, model: str, request: BenchRequest, temperature: float
+) -> RequestResult:
+    body = chat_body(model, request, temperature) | {
         "stream": True,
         "stream_options": {"include_usage": True},
     }
@@ -103,13 +109,7 @@ async def whole_chat(
     client: httpx.AsyncClient, base_url: str, model: str, request: BenchRequest, temperature: float
 ) -> RequestResult:
     """A non-streaming chat completion: its first token is its whole answer."""
-    body = {
-        "model": model,
-        "messages": request.messages,
-        "max_tokens": request.max_tokens,
-        "temperature": temperature,
-        "ignore_eos": True,
-    }
+    body = chat_body(model, request, temperature)
     start = time.perf_counter()
     result = RequestResult(ok=False, start=start)
     try:

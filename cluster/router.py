@@ -101,7 +101,9 @@ class KVAwareRequestRouter(FIFOMixin, RequestRouter):
         for replica in self.curr_replicas.values():
             replica_id = replica.replica_id.unique_id
             stats = ReplicaStats.from_dict(replica.routing_stats)
-            if stats is None or not self.is_serving(replica):
+            if stats is not None and not stats.engine_alive:
+                self.dead_replicas.add(replica_id)
+            if stats is None or replica_id in self.dead_replicas:
                 continue
             live.add(replica_id)
             if self._last_report.get(replica_id) == stats.time:
@@ -121,10 +123,8 @@ class KVAwareRequestRouter(FIFOMixin, RequestRouter):
     # --- health -------------------------------------------------------------------------------
 
     def is_serving(self, replica: RunningReplica) -> bool:
-        if replica.replica_id.unique_id in self.dead_replicas:
-            return False
-        stats = ReplicaStats.from_dict(replica.routing_stats)
-        return stats is None or stats.engine_alive
+        """Not known dead: by a failed request, or by its own last report (`_apply_reports`)."""
+        return replica.replica_id.unique_id not in self.dead_replicas
 
     def num_serving(self) -> int:
         live = {r.replica_id.unique_id for r in self.curr_replicas.values()}
@@ -165,8 +165,9 @@ class KVAwareRequestRouter(FIFOMixin, RequestRouter):
                 )
         # Every other replica after the policy's picks; dead engines last: with no live
         # replica the request fails fast (503), never hangs.
-        ranked += [r.replica_id.unique_id for r in serving if r.replica_id.unique_id not in ranked]
-        ranked += [r.replica_id.unique_id for r in candidate_replicas if r not in serving]
+        picked = set(ranked)
+        ranked += [rid for r in serving if (rid := r.replica_id.unique_id) not in picked]
+        ranked += [rid for rid in by_id if rid in self.dead_replicas]
         if pending_request is not None:
             # All replicas are offered at once: if none accepts, wait before asking again.
             pending_request.routing_context.should_backoff = True
