@@ -193,3 +193,33 @@ def test_memory_estimate_matches_tracemalloc():
     tracemalloc.stop()
     estimate = index.stats().approx_bytes
     assert 0.75 < estimate / used < 1.33, f"estimate {estimate} vs measured {used} bytes"
+
+
+def test_replica_reports_keep_the_index_equal_to_the_cache_and_repair_lost_ones():
+    """CacheReporter's numbered net changes, applied in order, give the index exactly the
+    replica's cache; a lost report leaves it stale only until the next snapshot."""
+    from replicas.cache_report import SNAPSHOT_EVERY, CacheReporter
+
+    rng = random.Random(0)
+    hashes = [bytes([i]) * 16 for i in range(40)]
+    reporter, index, cache = CacheReporter(), PrefixIndex(10_000), set()
+
+    def index_view() -> set[bytes]:
+        return {h for h in hashes if index.match([h]).get("r") == 1}
+
+    lost_at = 7
+    for number in range(1, 3 * SNAPSHOT_EVERY + 1):
+        for _ in range(3):  # several drains per report: a hash may come and go between reports
+            # One drain is a net change (BlockManager.drain_cache_events): no hash in both lists.
+            removed = [h for h in rng.sample(hashes, 4) if h in cache]
+            stored = [h for h in rng.sample(hashes, 4) if h not in removed]
+            cache -= set(removed)
+            cache |= set(stored)
+            reporter.absorb(stored, removed)
+        report = reporter.report()
+        assert report["seq"] == number
+        if number == lost_at:
+            continue  # Serve handed the router a later report only
+        index.apply("r", CacheEvents(**report))
+        if number < lost_at or number > SNAPSHOT_EVERY:
+            assert index_view() == cache, f"report {number}: index differs from the cache"
