@@ -288,8 +288,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     )
     weights = None
     if args.weights:
-        base = CostWeights.from_step_model(model, spec.max_num_batched_tokens)
-        weights = CostWeights(**{**base.__dict__, **json.loads(args.weights)})
+        overrides = json.loads(args.weights)
+        weights = CostWeights.from_step_model(model, spec.max_num_batched_tokens, **overrides)
 
     def progress(run: dict) -> None:
         print(markdown_table([run]).splitlines()[-1], flush=True)
